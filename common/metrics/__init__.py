@@ -1,0 +1,1 @@
+"""Metrics shared by the tasks: FROC (Camelyon16), Dice (MONAI conventions), confusion-matrix mIoU."""
