@@ -9,7 +9,10 @@ Training-state schema (``save_training_state``)::
 - ``epoch`` is the number of *completed* epochs; ``step`` the number of completed optimizer
   steps. A checkpoint written mid-epoch has ``step % steps_per_epoch != 0``; resuming skips the
   batches already seen, so the resumed run equals an uninterrupted one.
-- ``rng`` holds the python/numpy/torch (and CUDA) generator states of the saving process.
+- ``rng`` holds the python/numpy/torch (and CUDA) generator states: a list with one entry per
+  rank when the caller passes ``rng=gather_rng_states()`` (a collective, called on every rank
+  before rank 0 saves), else the states of the saving process alone. On load each rank restores
+  its own entry; a single (rank-0) state is restored on rank 0 only, never copied to other ranks.
 
 Everything is loaded with ``torch.load(..., weights_only=True)``: a file that needs arbitrary
 unpickling is refused with a clear message instead of executing its code.
@@ -21,6 +24,7 @@ import pickle
 import random
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -28,6 +32,8 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 import torch.nn as nn
+
+from common.dist import all_gather_object, get_rank, get_world_size
 
 
 class CheckpointError(RuntimeError):
@@ -125,6 +131,27 @@ def _np_state() -> dict[str, Any]:
             "has_gauss": int(has_gauss), "cached": float(cached)}
 
 
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every process's generator states, ordered by rank, for ``save_training_state(rng=...)``.
+
+    A collective: call it on every rank (then save on rank 0). Single-process: ``[rng_state()]``."""
+    return all_gather_object(rng_state())
+
+
+def _own_rng_state(saved: Any) -> Mapping[str, Any] | None:
+    """The entry of a saved ``rng`` field that belongs to this process (None: nothing to restore)."""
+    rank, world = get_rank(), get_world_size()
+    if isinstance(saved, Mapping):  # one process's state: only rank 0 may continue that stream
+        return saved if rank == 0 else None
+    if isinstance(saved, (list, tuple)):
+        if len(saved) != world:
+            warnings.warn(f"checkpoint holds RNG states of {len(saved)} processes, this run has {world}; "
+                          "RNG states not restored (the run stays reproducible, not identical)")
+            return None
+        return saved[rank]
+    return None
+
+
 def set_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -139,8 +166,12 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------- training state
 def save_training_state(path: str | os.PathLike, *, model: nn.Module, optimizer=None, scheduler=None,
                         scaler=None, epoch: int, step: int, best_metric: float | None = None,
-                        config: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the fixed-schema training state atomically (call on rank 0 only)."""
+                        config: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
+                        rng: list[dict[str, Any]] | None = None) -> Path:
+    """Write the fixed-schema training state atomically (call on rank 0 only).
+
+    ``rng``: the result of :func:`gather_rng_states` (called on every rank), so that each rank
+    resumes its own random stream; default: this process's state only."""
     state = {
         "model": unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -150,7 +181,7 @@ def save_training_state(path: str | os.PathLike, *, model: nn.Module, optimizer=
         "step": int(step),
         "best_metric": None if best_metric is None else float(best_metric),
         "config": dict(config) if config is not None else None,
-        "rng": rng_state(),
+        "rng": rng_state() if rng is None else list(rng),
     }
     if extra:
         state.update(extra)
@@ -176,8 +207,9 @@ def load_training_state(path: str | os.PathLike, *, model: nn.Module, optimizer=
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
-    if restore_rng and state.get("rng") is not None:
-        set_rng_state(state["rng"])
+    own_rng = _own_rng_state(state.get("rng")) if restore_rng else None
+    if own_rng is not None:
+        set_rng_state(own_rng)
     return state
 
 

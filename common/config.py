@@ -138,7 +138,8 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "dict",
 
 
 def parse_config(cls: type[C], argv: Sequence[str] | None = None) -> C:
-    """Defaults of ``cls`` <- optional ``--config file.json`` <- command-line flags."""
+    """Defaults of ``cls`` <- demo preset (``--demo``, if the class defines ``demo_preset()``)
+    <- optional ``--config file.json`` <- command-line flags."""
     parser = build_parser(cls)
     args, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if unknown:
@@ -146,6 +147,9 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None) -> C:
     overrides = vars(args)
     config_file = overrides.pop("__config_file")
     cfg = cls()
+    if overrides.get("demo", getattr(cfg, "demo", False)) and hasattr(cls, "demo_preset"):
+        # demo preset sits between the recipe defaults and anything the user passes explicitly
+        cfg = config_from_dict(cls, {**cls.demo_preset(), "demo": True}, source="demo preset", base=cfg)
     if config_file:
         path = Path(config_file)
         if not path.is_file():

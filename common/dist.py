@@ -214,14 +214,34 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 # ----------------------------------------------------------------------------- sampling
-def make_sampler(dataset, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DistributedSampler:
-    """A DistributedSampler in every mode (1 replica when single-process).
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start part-way: ``set_epoch(epoch, skip=n)`` drops the
+    first ``n`` indices of this rank's share, so a run resumed mid-epoch sees exactly the batches
+    an uninterrupted run would (the order depends only on seed and epoch)."""
 
-    Its order depends only on (seed, epoch), so a resumed run sees the same batches.
-    Call ``sampler.set_epoch(epoch)`` at the start of each epoch.
-    """
-    return DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(),
-                              shuffle=shuffle, seed=seed, drop_last=drop_last)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
+
+
+def make_sampler(dataset, shuffle: bool, seed: int = 0, drop_last: bool = False) -> ResumableSampler:
+    """A (resumable) DistributedSampler in every mode (1 replica when single-process).
+
+    Its order depends only on (seed, epoch). Call ``sampler.set_epoch(epoch, skip)`` at the start
+    of each epoch, ``skip`` = samples of this rank already consumed (mid-epoch resume)."""
+    return ResumableSampler(dataset, num_replicas=get_world_size(), rank=get_rank(),
+                            shuffle=shuffle, seed=seed, drop_last=drop_last)
 
 
 def padded_count_warning(dataset_len: int, sampler: DistributedSampler) -> str | None:

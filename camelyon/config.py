@@ -1,0 +1,113 @@
+"""Configuration of the Camelyon16 pipeline. Defaults are MONAI ``pathology_tumor_detection`` v0.6.2
+(see ../shared/reference/camelyon.md); every field is a command-line flag (``--batch-size 64``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.config import BaseConfig, default_cache_dir
+
+
+def demo_root() -> str:
+    return str(default_cache_dir("camelyon_demo"))
+
+
+@dataclass
+class TrainConfig(BaseConfig):
+    """Train the ResNet18 patch classifier on 768-px regions split 3x3 (bundle recipe)."""
+
+    output_dir: str = "runs/camelyon"
+    data_root: str = "/workspace/data/medical/pathology"  # the bundle's dataset_dir
+    train_list: str = ""  # default <data_root>/training.csv  (.csv bundle | .txt NCRF | .json)
+    valid_list: str = ""  # default <data_root>/validation.csv
+    image_dir: str = ""  # default <data_root>/training/images
+    annotation_dir: str = ""  # needed for NCRF .txt lists (grid labels from the polygons)
+    slide_suffix: str = ".tif"
+    # recipe
+    epochs: int = 4
+    batch_size: int = 128  # regions per process and step (x9 patches)
+    lr: float = 1e-3  # Novograd, cosine over `epochs` stepped per epoch
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.0
+    seed: int = 15
+    shuffle: bool = True  # the bundle's multi-GPU config shuffles; its single-GPU config does not
+    num_workers: int = 8
+    brightness: float = 0.25
+    contrast: float = 0.75
+    saturation: float = 0.25
+    hue: float = 0.04
+    flip_prob: float = 0.5
+    rot90_prob: float = 0.5
+    zoom_prob: float = 0.5
+    zoom_min: float = 0.9
+    zoom_max: float = 1.1
+    # initialisation
+    pretrained: str = ""  # local torchvision resnet18 ImageNet .pth (the bundle starts from ImageNet)
+    init_checkpoint: str = ""  # start from a bundle model.pt or a project checkpoint
+    # engineering
+    channels_last: bool = True
+    max_steps_per_epoch: int = 0  # 0 = whole epoch
+    max_valid_regions: int = 0  # 0 = whole validation list
+    checkpoint_every: int = 0  # also save last.pt every N steps (0: at epoch ends only)
+    log_every: int = 10
+    valid_batch_size: int = 0  # regions per validation batch (0: batch_size)
+    # demo: synthetic slides, then whole-slide inference + FROC on the demo test set
+    demo: bool = False
+
+    @classmethod
+    def demo_preset(cls) -> dict:
+        root = demo_root()
+        return dict(data_root=root, train_list=f"{root}/training.csv", valid_list=f"{root}/validation.csv",
+                    image_dir=f"{root}/training/images", output_dir="runs/camelyon_demo",
+                    epochs=3, batch_size=4, num_workers=2, seed=0, checkpoint_every=20, log_every=5)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("batch_size and epochs must be positive")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas needs two values, got {self.betas}")
+
+
+@dataclass
+class InferConfig(BaseConfig):
+    """Whole-slide probability maps, lesion candidates (NMS) and exports."""
+
+    slides: str = ""  # a slide file or a folder of slides
+    checkpoint: str = ""  # project checkpoint or the bundle's model.pt
+    output_dir: str = "outputs/camelyon"
+    mode: str = "dense"  # dense (fully convolutional tiles) | patch (bundle: one 224 patch per cell)
+    mask_downsample: float = 64.0  # tissue-mask grid (~level 6 of a Camelyon slide)
+    tile_cells: int = 32  # dense: cells per tile side (tile = 224 + 64 * (n - 1) px)
+    batch_size: int = 400  # patch mode: patches per batch (bundle: 400)
+    num_workers: int = 4
+    nms_threshold: float = 0.5
+    nms_box: int = 48
+    nms_sigma: float = 0.0
+    export: list[str] = field(default_factory=list)  # geojson | asap
+    contours: bool = False  # also export contour polygons of the thresholded map
+    channels_last: bool = True
+
+    def validate(self) -> None:
+        if self.mode not in ("dense", "patch"):
+            raise ValueError(f"--mode must be dense or patch, got {self.mode!r}")
+        unknown = set(self.export) - {"geojson", "asap"}
+        if unknown:
+            raise ValueError(f"--export accepts geojson and asap, got {sorted(unknown)}")
+
+
+@dataclass
+class EvalConfig(BaseConfig):
+    """Official Camelyon16 lesion-level FROC (+ slide AUC), or patch accuracy of a checkpoint."""
+
+    detections: str = ""  # folder of <slide>.csv (probability,X,Y)
+    ground_truth: str = ""  # folder of <slide>.tif masks or <slide>.xml/.json annotations
+    output_dir: str = "outputs/camelyon_eval"
+    level: int = 5  # official evaluation level
+    spacing_um: float = 0.243  # level-0 pixel size of the official protocol
+    slides: str = ""  # optional slide folder: level-0 sizes for annotation ground truth
+    stem_chars: int = 0  # 8 reproduces the official script's name matching (first 8 characters)
+    # patch-level accuracy instead of FROC
+    patch_list: str = ""
+    image_dir: str = ""
+    annotation_dir: str = ""
+    checkpoint: str = ""
+    batch_size: int = 32

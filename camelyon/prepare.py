@@ -1,0 +1,168 @@
+"""Data preparation for Camelyon16: tissue masks and patch lists.
+
+    python camelyon/prepare.py tissue-masks --slides DIR --output-dir DIR
+    python camelyon/prepare.py patch-list --coords tumor_train.txt normal_train.txt \\
+        --annotation-dir DIR --image-dir DIR --output training.csv
+
+Tissue mask (bundle rule), on an image at ~64x downsample (level 6 of a Camelyon slide):
+with per-image Otsu thresholds, tissue = (R <= t_R or G <= t_G or B <= t_B) and S > t_S, S being
+the HSV saturation in [0, 1]; a channel whose threshold comes out 0 is skipped.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from skimage.color import rgb2hsv
+from skimage.filters import threshold_otsu
+
+from camelyon.dataset import (PatchRecord, list_slides, open_slide, read_ncrf_coords, read_rgb,
+                              validate_records, write_bundle_csv)
+from common.checkpoint import atomic_write
+from common.config import BaseConfig, parse_config
+from common.logging import progress
+
+
+@dataclass
+class TissueMask:
+    mask: np.ndarray  # (H, W) bool on the grid
+    ratio: float  # level-0 pixels per grid cell
+    thumbnail: np.ndarray  # (H, W, 3) uint8 RGB the mask was computed from
+    level0_size: tuple[int, int]  # (width, height)
+
+
+def _otsu(channel: np.ndarray) -> float:
+    if channel.min() == channel.max():
+        return 0.0
+    return float(threshold_otsu(channel))
+
+
+def tissue_mask_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """The bundle's rule on an (H, W, 3) uint8 image; returns a bool (H, W) mask."""
+    rgb_fg = np.zeros(rgb.shape[:2], dtype=bool)
+    for c in range(3):
+        t = _otsu(rgb[..., c])
+        if t:
+            rgb_fg |= rgb[..., c] <= t
+    saturation = rgb2hsv(rgb)[..., 1]
+    t_s = _otsu(saturation)
+    return rgb_fg & (saturation > t_s) if t_s else np.zeros_like(rgb_fg)
+
+
+def slide_thumbnail(slide, downsample: float = 64.0, block: int = 64) -> tuple[np.ndarray, float]:
+    """RGB image of the slide on a ~``downsample`` grid, and the exact level-0 pixels per cell.
+
+    If the slide has a level within 2 % of ``downsample`` (level 6 on Camelyon) that level is read
+    whole, as the bundle does (ratio = its downsample). Otherwise the grid is ceil(size / ds) and
+    each block of cells is read from the best finer level and area-averaged: memory stays bounded
+    whatever the slide size."""
+    for level, ds in enumerate(slide.level_downsamples):
+        if abs(ds / downsample - 1) < 0.02:
+            w, h = slide.level_dimensions[level]
+            return _read_level_whole(slide, level, w, h), float(ds)
+    width, height = slide.dimensions
+    gh, gw = int(np.ceil(height / downsample)), int(np.ceil(width / downsample))
+    level = slide.get_best_level_for_downsample(downsample)
+    level_ds = slide.level_downsamples[level]
+    out = np.empty((gh, gw, 3), dtype=np.uint8)
+    for r0 in range(0, gh, block):
+        for c0 in range(0, gw, block):
+            bh, bw = min(block, gh - r0), min(block, gw - c0)
+            src_w, src_h = int(np.ceil(bw * downsample / level_ds)), int(np.ceil(bh * downsample / level_ds))
+            rgb = read_rgb(slide, int(c0 * downsample), int(r0 * downsample), src_w, src_h, level)
+            out[r0:r0 + bh, c0:c0 + bw] = np.asarray(Image.fromarray(rgb).resize((bw, bh), Image.BOX))
+    return out, float(downsample)
+
+
+def _read_level_whole(slide, level: int, w: int, h: int, strip: int = 2048) -> np.ndarray:
+    ds = slide.level_downsamples[level]
+    rows = [read_rgb(slide, 0, int(round(y * ds)), w, min(strip, h - y), level) for y in range(0, h, strip)]
+    return np.concatenate(rows, axis=0)
+
+
+def compute_tissue_mask(slide_path, downsample: float = 64.0) -> TissueMask:
+    """Tissue mask of a slide; an empty mask (with a warning) when there is no tissue."""
+    with open_slide(slide_path) as slide:
+        thumb, ratio = slide_thumbnail(slide, downsample)
+        size = slide.dimensions
+    mask = tissue_mask_from_rgb(thumb)
+    if not mask.any():
+        warnings.warn(f"{slide_path}: no tissue found; the probability map will be empty")
+    return TissueMask(mask, ratio, thumb, size)
+
+
+def save_tissue_mask(tm: TissueMask, out_dir: Path, stem: str) -> Path:
+    """``<stem>_tissue.npz`` (mask, ratio, level0_size) and a PNG preview, written atomically."""
+    path = out_dir / f"{stem}_tissue.npz"
+    atomic_write(path, lambda fh: np.savez_compressed(fh, mask=tm.mask, ratio=tm.ratio,
+                                                      level0_size=np.asarray(tm.level0_size)))
+    preview = tm.thumbnail.copy()
+    preview[~tm.mask] = (preview[~tm.mask] * 0.35 + 255 * 0.65).astype(np.uint8)
+    atomic_write(out_dir / f"{stem}_tissue.png", lambda fh: Image.fromarray(preview).save(fh, format="PNG"))
+    return path
+
+
+def load_tissue_mask(path: Path) -> tuple[np.ndarray, float]:
+    with np.load(path) as data:
+        return data["mask"].astype(bool), float(data["ratio"])
+
+
+def build_patch_list(coords: list[str], image_dir: str, annotation_dir: str | None,
+                     suffix: str = ".tif", validate: bool = True) -> list[PatchRecord]:
+    """Records from NCRF coordinate files, grid labels from the annotations (point test on the
+    centre of each of the 9 patches)."""
+    records: list[PatchRecord] = []
+    for path in coords:
+        records += read_ncrf_coords(Path(path), Path(image_dir), Path(annotation_dir) if annotation_dir else None, suffix)
+    if validate:
+        validate_records(records, source=", ".join(coords))
+    return records
+
+
+# ============================================================================= command line
+@dataclass
+class PrepareConfig(BaseConfig):
+    """tissue-masks | patch-list"""
+
+    slides: str = ""
+    output_dir: str = "outputs/camelyon_prepare"
+    mask_downsample: float = 64.0
+    coords: list[str] = field(default_factory=list)
+    image_dir: str = ""
+    annotation_dir: str = ""
+    slide_suffix: str = ".tif"
+    output: str = "training.csv"
+
+
+def run_tissue_masks(cfg: PrepareConfig) -> None:
+    out = Path(cfg.output_dir)
+    for slide in progress(list_slides(cfg.slides), desc="tissue masks"):
+        tm = compute_tissue_mask(slide, cfg.mask_downsample)
+        path = save_tissue_mask(tm, out, slide.stem)
+        print(f"{slide.name}: {int(tm.mask.sum())} tissue cells of {tm.mask.size} "
+              f"(grid {tm.mask.shape[1]}x{tm.mask.shape[0]}, ratio {tm.ratio:g}) -> {path}")
+
+
+def run_patch_list(cfg: PrepareConfig) -> None:
+    if not cfg.coords or not cfg.image_dir:
+        raise SystemExit("patch-list needs --coords FILE [FILE ...] and --image-dir DIR")
+    records = build_patch_list(cfg.coords, cfg.image_dir, cfg.annotation_dir or None, cfg.slide_suffix)
+    write_bundle_csv(records, Path(cfg.output))
+    positives = sum(any(r.labels) for r in records)
+    print(f"{len(records)} regions ({positives} with tumour patches) -> {cfg.output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"tissue-masks": run_tissue_masks, "patch-list": run_patch_list}
+    if not argv or argv[0] not in commands:
+        raise SystemExit(f"usage: prepare.py {{{'|'.join(commands)}}} [--flags]")
+    commands[argv[0]](parse_config(PrepareConfig, argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
