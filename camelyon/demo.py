@@ -34,8 +34,8 @@ tumour cell region (ITC) under the official FROC rule.
 
 Everything is deterministic from the seed (each slide draws from its own
 ``np.random.default_rng([seed, slide_index])``).  Generation of the default
-set (13 slides of 6144 x 8192) takes ~10-20 s on 2 CPU cores; see
-:func:`make_demo`.
+set (13 slides of 6144 x 8192, ~150 MB) takes ~15-20 s wall on 2 idle CPU
+cores (~30 CPU-seconds); see :func:`make_demo`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -193,7 +194,8 @@ def write_pyramidal_tiff(path: str | os.PathLike, image: np.ndarray, tile: int =
                         maxworkers=maxworkers)
     if compression == "jpeg":
         kwargs["compressionargs"] = {"level": int(quality)}
-    elif compression == "deflate":
+    elif compression == "deflate":  # TIFF code 8 (Adobe), what libtiff writes for "deflate"
+        kwargs["compression"] = tifffile.COMPRESSION.ADOBE_DEFLATE
         kwargs["compressionargs"] = {"level": 6}
     path = Path(path)
     h0, w0 = image.shape[:2]
@@ -366,7 +368,8 @@ def _layout(root: Path, p: dict, specs: list[_SlideSpec], **extra) -> DemoLayout
 # ----------------------------------------------------------------------------
 
 def _radial_polygon(rng: np.random.Generator, cx: float, cy: float, radius: float,
-                    roughness: float, n_vertices: int = 96, harmonics: int = 6) -> np.ndarray:
+                    roughness: float, n_vertices: int = 96, harmonics: int = 6,
+                    round_to: int | None = 2) -> np.ndarray:
     """Smooth irregular star-shaped polygon (N, 2) of level-0 (x, y).
 
     r(θ) = radius · (1 + Σ_k a_k cos(kθ + φ_k)), k = 2..harmonics, with
@@ -378,34 +381,46 @@ def _radial_polygon(rng: np.random.Generator, cx: float, cy: float, radius: floa
     amp *= roughness / amp.sum()
     phase = rng.uniform(0.0, 2 * np.pi, len(k))
     r = radius * (1.0 + (amp[:, None] * np.cos(k[:, None] * theta + phase[:, None])).sum(0))
-    return np.round(np.stack([cx + r * np.cos(theta), cy + r * np.sin(theta)], 1), 2)
+    poly = np.stack([cx + r * np.cos(theta), cy + r * np.sin(theta)], 1)
+    return poly if round_to is None else np.round(poly, round_to)
+
+
+def _feret_diameter(poly: np.ndarray) -> float:
+    """Largest distance between two vertices of a polygon."""
+    d = poly[:, None, :] - poly[None, :, :]
+    return float(np.sqrt((d ** 2).sum(-1)).max())
 
 
 def _place_lesions(rng: np.random.Generator, shape: tuple[int, int], n: int,
                    itc: bool) -> list[tuple[float, float, float, np.ndarray]]:
     """Non-overlapping lesions ``(cx, cy, extent, polygon)``; the ITC (if any) last.
 
-    Radii shrink with failed attempts so crowded slides still get lesions;
-    a lesion that cannot be placed is dropped.
+    Lesions are 1,500-3,000 px across (largest vertex-to-vertex distance),
+    the ITC 400 px; on small slides the range is capped.  ``extent`` is the
+    largest vertex distance from the centre, used for spacing.  The size range
+    shrinks with failed attempts so crowded slides still get lesions; a
+    lesion that cannot be placed is dropped.
     """
     h, w = shape
-    r_cap = (min(h, w) - 2 * _LESION_MARGIN) / 2 / 1.25
-    r_hi = min(_LESION_DIAMETER[1] / 2, r_cap)
-    r_lo = min(_LESION_DIAMETER[0] / 2, r_hi)
+    d_hi = min(_LESION_DIAMETER[1], (min(h, w) - 2 * _LESION_MARGIN) * 0.8)
+    d_lo = min(_LESION_DIAMETER[0], d_hi)
     out: list[tuple[float, float, float, np.ndarray]] = []
-    wanted = [(r_lo, r_hi, (0.10, 0.22))] * n + ([(_ITC_DIAMETER / 2,) * 2 + ((0.05, 0.10),)] if itc else [])
+    wanted = [(d_lo, d_hi, (0.14, 0.28))] * n
+    if itc:
+        wanted.append((_ITC_DIAMETER, _ITC_DIAMETER, (0.05, 0.10)))
     tries = 400
     for lo, hi, (rough_lo, rough_hi) in wanted:
         for t in range(tries):
-            radius = rng.uniform(lo, lo + (hi - lo) * (1 - t / tries))
-            rough = rng.uniform(rough_lo, rough_hi)
-            ext = radius * (1 + rough)
+            diameter = rng.uniform(lo, lo + (hi - lo) * (1 - t / tries))
+            unit = _radial_polygon(rng, 0.0, 0.0, 1.0, rng.uniform(rough_lo, rough_hi), round_to=None)
+            unit *= diameter / _feret_diameter(unit)
+            ext = float(np.hypot(unit[:, 0], unit[:, 1]).max())
             m = _LESION_MARGIN + ext
             if w - 2 * m <= 0 or h - 2 * m <= 0:
                 continue
             cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
             if all(math.hypot(cx - ox, cy - oy) >= ext + oe + _LESION_GAP for ox, oy, oe, _ in out):
-                out.append((cx, cy, ext, _radial_polygon(rng, cx, cy, radius, rough)))
+                out.append((cx, cy, ext, np.round(unit + (cx, cy), 2)))
                 break
     return out
 
@@ -415,7 +430,7 @@ def _tissue_field(rng: np.random.Generator, shape: tuple[int, int],
     """Soft tissue field at downsample ``_LOWRES``; tissue is where it exceeds 0.5.
 
     Union of large irregular blobs (one around each lesion, then random ones
-    until 30-50 % of the slide is covered), blurred and perturbed by smooth
+    until ~30-50 % of the slide is covered), blurred and perturbed by smooth
     noise for ragged edges; lesions (dilated by ~130 px) are forced inside.
     """
     h, w = shape
@@ -423,25 +438,27 @@ def _tissue_field(rng: np.random.Generator, shape: tuple[int, int],
     hl, wl = -(-h // ds), -(-w // ds)
     canvas = np.zeros((hl, wl), np.float32)
 
-    def fill(poly: np.ndarray) -> None:
-        rr, cc = draw_polygon(poly[:, 1] / ds - 0.5, poly[:, 0] / ds - 0.5, shape=(hl, wl))
-        canvas[rr, cc] = 1.0
+    def blob(poly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return draw_polygon(poly[:, 1] / ds - 0.5, poly[:, 0] / ds - 0.5, shape=(hl, wl))
 
     for cx, cy, ext, _ in lesions:
-        pad = rng.uniform(350, 900)
+        pad = rng.uniform(300, 700)
         off = rng.uniform(-0.4, 0.4, 2) * pad
-        fill(_radial_polygon(rng, cx + off[0], cy + off[1], ext + pad + np.hypot(*off), rng.uniform(0.1, 0.2)))
-    target = rng.uniform(0.30, 0.48)
+        canvas[blob(_radial_polygon(rng, cx + off[0], cy + off[1], ext + pad + np.hypot(*off),
+                                    rng.uniform(0.1, 0.2)))] = 1.0
+    target = rng.uniform(0.30, 0.42)
     side = min(h, w)
-    for _ in range(40):
+    for _ in range(60):
         if canvas.mean() >= target:
             break
-        radius = rng.uniform(0.14, 0.30) * side
+        radius = rng.uniform(0.12, 0.26) * side
         cx, cy = rng.uniform(0.12, 0.88) * w, rng.uniform(0.12, 0.88) * h
-        fill(_radial_polygon(rng, cx, cy, radius, rng.uniform(0.2, 0.4)))
+        rr, cc = blob(_radial_polygon(rng, cx, cy, radius, rng.uniform(0.2, 0.4)))
+        if canvas.mean() + (1.0 - canvas[rr, cc]).sum() / canvas.size <= target + 0.06:  # no overshoot
+            canvas[rr, cc] = 1.0
     noise = ndi.gaussian_filter(rng.standard_normal((hl, wl)).astype(np.float32), 3.0)
     noise /= noise.std() + 1e-6
-    soft = ndi.gaussian_filter(canvas, 2.0) + 0.12 * noise
+    soft = ndi.gaussian_filter(canvas, 2.0) + 0.1 * noise
     if lesions:
         les = rasterize(Annotation(positive=[p for *_, p in lesions]), (hl, wl), ds)
         les = ndi.binary_dilation(les, iterations=8)
@@ -604,8 +621,9 @@ def _make_slide(spec: _SlideSpec, layout: DemoLayout, seed: int, quality: int) -
     ann = Annotation(positive=[p for *_, p in lesions],
                      positive_names=[f"Annotation {i}" for i in range(len(lesions))])
     if spec.exclusion and lesions:
-        cx, cy, ext, _ = lesions[0]
-        ann.negative.append(_radial_polygon(rng, cx, cy, rng.uniform(0.18, 0.24) * ext / 1.22, 0.08, 48))
+        cx, cy, _, poly = lesions[0]
+        inner = np.hypot(poly[:, 0] - cx, poly[:, 1] - cy).min()  # the lesion contains this disc
+        ann.negative.append(_radial_polygon(rng, cx, cy, rng.uniform(0.22, 0.3) * inner, 0.08, 48))
         ann.negative_names.append(f"Annotation {len(lesions)}")
     soft_lo = _tissue_field(rng, (h, w), lesions)
     f = _RENDER
@@ -696,6 +714,11 @@ def make_demo(root: str | os.PathLike | None = None, seed: int = 0, n_train_tumo
     slides.  ``workers`` slides are generated concurrently (threads; default
     min(2, CPUs)).
 
+    Lesions are placed at random, at least 700 px apart and 400 px from the
+    slide border; on slides much smaller than the default fewer lesions than
+    requested may fit (a lesion is never shrunk below 1,500 px across, unless
+    the slide itself is too small for that).
+
     Idempotent: when ``root/.complete`` holds the same parameters the call
     returns at once (``layout.generated`` False).  Otherwise files of a
     previous generation are removed, everything is regenerated and the marker
@@ -727,6 +750,11 @@ def make_demo(root: str | os.PathLike | None = None, seed: int = 0, n_train_tumo
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(lambda s: _make_slide(s, layout, params["seed"], quality), specs))
         by_name = {r["name"]: r for r in results}
+        for s in specs:
+            r = by_name[s.name]
+            if len(r["tumor_xy"]) < s.n_tumor_coords or len(r["normal_xy"]) < s.n_normal_coords:
+                warnings.warn(f"{s.name}: only {len(r['tumor_xy'])}/{s.n_tumor_coords} tumour and "
+                              f"{len(r['normal_xy'])}/{s.n_normal_coords} normal centres fit", stacklevel=2)
         for split in ("train", "valid"):
             for kind, key in (("tumor", "tumor_xy"), ("normal", "normal_xy")):
                 rows = [f"{s.name.capitalize()},{x},{y}"

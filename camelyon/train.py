@@ -28,7 +28,7 @@ from camelyon.model import build_model, load_detector_weights, load_imagenet_bac
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import find_resume, load_training_state, save_training_state
+from common.checkpoint import find_resume, gather_rng_states, load_training_state, save_training_state
 from common.config import parse_config, save_config
 from common.logging import AverageMeter, MetricLogger, git_revision, progress
 from common.optim import FunctionScheduler, Novograd, cosine_annealing
@@ -48,8 +48,10 @@ def build_loaders(cfg: TrainConfig, ctx: dist.DistContext):
     dist.barrier()
     train_ds, valid_ds = RegionDataset(records["train"]), RegionDataset(records["valid"])
     sampler = dist.make_sampler(train_ds, shuffle=cfg.shuffle, seed=cfg.seed, drop_last=True)
+    # a private generator: iterator creation must not consume the global RNG (exact resume)
     common = dict(num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
-                  persistent_workers=cfg.num_workers > 0, worker_init_fn=dist.worker_init_fn)
+                  persistent_workers=cfg.num_workers > 0, worker_init_fn=dist.worker_init_fn,
+                  generator=torch.Generator().manual_seed(cfg.seed + ctx.rank))
     train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     valid = DataLoader(valid_ds, batch_size=cfg.valid_batch_size or cfg.batch_size,
                        sampler=dist.ShardSampler(len(valid_ds)), **common)
@@ -186,10 +188,11 @@ def main(cfg: TrainConfig) -> dict:
     step, best, start_epoch = 0, -1.0, 0
 
     def save_last(epoch: int, at_step: int, name: str = "last.pt") -> None:
+        rng = gather_rng_states()  # collective: every rank's generators, restored per rank on resume
         if ctx.is_main:
             save_training_state(out / name, model=model, optimizer=optimizer, scheduler=scheduler,
                                 scaler=amp.scaler, epoch=epoch, step=at_step, best_metric=best,
-                                config=cfg.to_dict())
+                                config=cfg.to_dict(), rng=rng)
         dist.barrier()
 
     resume_path = find_resume(out) if cfg.resume else None

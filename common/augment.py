@@ -19,8 +19,11 @@ import torch.nn.functional as F
 
 def make_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded from integers, e.g. ``make_generator(seed, rank, step)``: distinct
-    streams per process and step, and a resumed run draws exactly the same parameters."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint64)
+    streams per process and step, and a resumed run draws exactly the same parameters. Keys are
+    taken mod 2**32; their number is mixed in too, since SeedSequence zero-pads short entropy
+    (without it ``(s, 0, 0)``, ``(s, 0)`` and ``(s,)`` would give the same stream)."""
+    entropy = [len(keys)] + [int(k) & 0xFFFFFFFF for k in keys]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
@@ -68,8 +71,9 @@ def sample_zoom(n: int, p: float, lo: float, hi: float, gen: torch.Generator) ->
 
 def apply_zoom(x: torch.Tensor, zoom: torch.Tensor, mode: str = "area", padding_mode: str = "replicate") -> torch.Tensor:
     """MONAI ``RandZoom(keep_size=True)`` per sample: resize (H, W) to floor(size * z), then pad
-    symmetrically (edge replicate by default) or centre-crop back to (H, W); for an odd
-    difference floor(diff/2) goes before. Samples are grouped by output size (few launches)."""
+    symmetrically (edge replicate by default; floor(diff/2) before) or centre-crop back to (H, W)
+    (start size//2 - H//2, as MONAI: floor(diff/2) when H is even). Samples are grouped by output
+    size (few launches)."""
     H, W = x.shape[-2:]
     sizes = [(int(np.floor(H * z)), int(np.floor(W * z))) for z in zoom.tolist()]
     out = x.clone()
@@ -89,7 +93,9 @@ def _pad_or_crop(x: torch.Tensor, size: tuple[int, int], padding_mode: str) -> t
         dh, dw = max(H - h, 0), max(W - w, 0)
         x = F.pad(x.float(), (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode=padding_mode).to(x.dtype)
         h, w = x.shape[-2:]
-    top, left = (h - H) // 2, (w - W) // 2
+    # MONAI CenterSpatialCrop: start = size // 2 - target // 2, i.e. floor(diff / 2) for an even
+    # target and ceil(diff / 2) for an odd target taken from an even size.
+    top, left = h // 2 - H // 2, w // 2 - W // 2
     return x[..., top:top + H, left:left + W]
 
 
@@ -137,12 +143,15 @@ def _grayscale(x: torch.Tensor, uint8: bool) -> torch.Tensor:
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor, bound: float, uint8: bool) -> torch.Tensor:
-    out = (ratio.view(-1, 1, 1, 1) * a + (1 - ratio.view(-1, 1, 1, 1)) * b).clamp(0, bound)
+    # As torchvision: both weights are formed in double (1.0 - ratio), then rounded to the image
+    # dtype; forming 1 - ratio in float32 is off by an ulp often enough to flip the uint8 floor.
+    ratio = ratio.to(torch.float64).view(-1, 1, 1, 1)  # on the parameters' device (CPU)
+    w_a, w_b = ratio.to(a.dtype).to(a.device), (1 - ratio).to(a.dtype).to(a.device)
+    out = (w_a * a + w_b * b).clamp(0, bound)
     return out.floor() if uint8 else out
 
 
 def _adjust(x: torch.Tensor, op: int, factor: torch.Tensor, bound: float, uint8: bool) -> torch.Tensor:
-    factor = factor.to(device=x.device, dtype=x.dtype)
     if op == 0:  # brightness: blend with black
         return _blend(x, torch.zeros_like(x), factor, bound, uint8)
     if op == 1:  # contrast: blend with the mean grey level
@@ -151,7 +160,7 @@ def _adjust(x: torch.Tensor, op: int, factor: torch.Tensor, bound: float, uint8:
     if op == 2:  # saturation: blend with the grey image
         return _blend(x, _grayscale(x, uint8), factor, bound, uint8)
     # hue: rotate in HSV (kornia works in radians on [0, 1] images)
-    shifted = kornia.enhance.adjust_hue(x / bound, factor * 2 * np.pi) * bound
+    shifted = kornia.enhance.adjust_hue(x / bound, factor.to(device=x.device, dtype=x.dtype) * 2 * np.pi) * bound
     if uint8:  # torchvision converts float -> uint8 as floor(v * 255.999)
         return (shifted / bound * (bound + 1 - 1e-3)).floor().clamp(0, bound)
     return shifted.clamp(0, bound)

@@ -54,14 +54,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (no race with other threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Write via ``write(fileobj)`` to a temp file in the same folder, fsync, rename over ``path``.
 
-    A crash at any point leaves either the old file or the new one, never a torn file."""
+    A crash at any point leaves either the old file or the new one, never a torn file. The file
+    gets the permissions a plain ``open`` would give (0666 minus the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
@@ -233,9 +249,13 @@ def extract_state_dict(obj: Any, container_keys: Iterable[str] = CONTAINER_KEYS)
 
 
 def _strip_prefixes(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
+    """Strip wrapper prefixes in any nesting order (DDP(compile(m)) and compile(DDP(m)) alike)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
     return key
 
 
