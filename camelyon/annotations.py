@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from common.checkpoint import atomic_write_text
 
 __all__ = [
     "Annotation",
@@ -230,22 +231,6 @@ def read_asap_xml(path: str | os.PathLike) -> Annotation:
     return ann
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_asap_xml(ann: Annotation, path: str | os.PathLike) -> None:
     """Write ``ann`` as ASAP XML in the original naming (positive ``_0``, negative ``_2``).
 
@@ -266,7 +251,7 @@ def write_asap_xml(ann: Annotation, path: str | os.PathLike) -> None:
         g = ET.SubElement(groups, "Group", Name=name, PartOfGroup="None", Color=color)
         ET.SubElement(g, "Attributes")
     ET.indent(root, space="\t")
-    _atomic_write_text(path, '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode") + "\n")
+    atomic_write_text(path, '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode") + "\n")
 
 
 # ----------------------------------------------------------------------------
@@ -317,7 +302,7 @@ def write_ncrf_json(ann: Annotation, path: str | os.PathLike, round_vertices: bo
         return out
 
     obj = {"positive": items("positive"), "negative": items("negative")}
-    _atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------
@@ -437,7 +422,7 @@ def write_geojson(path: str | os.PathLike, points=None, polygons=None, probabili
             ring = np.vstack([ring, ring[:1]]) if not np.array_equal(ring[0], ring[-1]) else ring
             feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring.tolist()]},
                           "properties": props(name, rgb)})
-    _atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": feats}) + "\n")
+    atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": feats}) + "\n")
 
 
 # ----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class TrainConfig(BaseConfig):
     pretrained: str = ""  # local torchvision resnet18 ImageNet .pth (the bundle starts from ImageNet)
     init_checkpoint: str = ""  # start from a bundle model.pt or a project checkpoint
     # engineering
-    channels_last: bool = True
+    channels_last: bool = True  # used on CUDA (on CPU it does not pay off)
     max_steps_per_epoch: int = 0  # 0 = whole epoch
     max_valid_regions: int = 0  # 0 = whole validation list
     checkpoint_every: int = 0  # also save last.pt every N steps (0: at epoch ends only)
@@ -58,7 +58,8 @@ class TrainConfig(BaseConfig):
         root = demo_root()
         return dict(data_root=root, train_list=f"{root}/training.csv", valid_list=f"{root}/validation.csv",
                     image_dir=f"{root}/training/images", output_dir="runs/camelyon_demo",
-                    epochs=3, batch_size=4, num_workers=2, seed=0, checkpoint_every=20, log_every=5)
+                    epochs=2, batch_size=4, max_steps_per_epoch=30, num_workers=2, seed=0,
+                    checkpoint_every=10, log_every=5)
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:

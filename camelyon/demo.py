@@ -61,6 +61,7 @@ from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 
 from camelyon.annotations import Annotation, points_in_annotation, rasterize, write_asap_xml
+from common.checkpoint import atomic_write_text
 from common.config import default_cache_dir
 
 __all__ = [
@@ -214,19 +215,6 @@ def write_pyramidal_tiff(path: str | os.PathLike, image: np.ndarray, tile: int =
             os.unlink(tmp)
         raise
     return [lv.shape[:2] for lv in levels]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text via a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------
@@ -759,10 +747,10 @@ def make_demo(root: str | os.PathLike | None = None, seed: int = 0, n_train_tumo
             for kind, key in (("tumor", "tumor_xy"), ("normal", "normal_xy")):
                 rows = [f"{s.name.capitalize()},{x},{y}"
                         for s in specs if s.split == split for x, y in by_name[s.name][key]]
-                _atomic_write_text(layout.coords / f"{kind}_{split}.txt", "".join(r + "\n" for r in rows))
+                atomic_write_text(layout.coords / f"{kind}_{split}.txt", "".join(r + "\n" for r in rows))
         seconds = time.perf_counter() - t0
         timings = {r["name"]: round(r["total_s"], 2) for r in results}
-        _atomic_write_text(root / _MARKER, json.dumps({"params": params, "seconds": round(seconds, 2),
+        atomic_write_text(root / _MARKER, json.dumps({"params": params, "seconds": round(seconds, 2),
                                                        "slides": timings}, indent=1) + "\n")
     return _layout(root, params, specs, generated=True, seconds=seconds, timings=timings)
 

@@ -65,7 +65,7 @@ def build_model_for(cfg: TrainConfig, ctx: dist.DistContext) -> torch.nn.Module:
     if cfg.init_checkpoint:
         load_detector_weights(model, cfg.init_checkpoint)
     model = model.to(ctx.device)
-    if cfg.channels_last:
+    if cfg.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -88,7 +88,7 @@ def train_one_epoch(model, loader, optimizer, amp, ctx, cfg: TrainConfig, epoch:
             break
         patches, targets = to_patches(regions, labels, ctx.device)
         x = train_transform(patches, make_generator(cfg.seed, ctx.rank, step), aug_cfg)
-        if cfg.channels_last:
+        if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
             logits = model(x)  # (B*9, 1, 1, 1)
@@ -141,7 +141,7 @@ def prepare_demo_data(cfg: TrainConfig, ctx: dist.DistContext) -> None:
         print(f"demo data in {root} ({'generated in %.0fs' % layout.seconds if layout.generated else 'cached'})")
         for split in ("train", "valid"):
             target = Path(cfg.train_list if split == "train" else cfg.valid_list)
-            if not target.is_file():
+            if layout.generated or not target.is_file():
                 coords = [str(layout.coords / f"{kind}_{split}.txt") for kind in ("tumor", "normal")]
                 write_bundle_csv(build_patch_list(coords, str(layout.train_images), str(layout.train_annotations)), target)
     dist.barrier()
