@@ -1,0 +1,148 @@
+"""Configuration of the spleen CT pipeline. Defaults are the MONAI ``spleen_ct_segmentation`` bundle
+v0.5.9 (see ../shared/reference/spleen.md); every field is a command-line flag (``--roi-size 96 96 96``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.config import BaseConfig, ConfigError, default_cache_dir
+
+
+def demo_root() -> str:
+    return str(default_cache_dir("spleen_demo"))
+
+
+def _check_window(cfg) -> None:
+    if cfg.sw_mode not in ("constant", "gaussian"):
+        raise ConfigError(f"--sw-mode must be constant or gaussian, got {cfg.sw_mode!r}")
+    if not 0 <= cfg.sw_overlap < 1:
+        raise ConfigError(f"--sw-overlap must be in [0, 1), got {cfg.sw_overlap}")
+    if len(cfg.roi_size) != 3 or min(cfg.roi_size) < 1:
+        raise ConfigError(f"--roi-size needs three positive sizes, got {cfg.roi_size}")
+
+
+@dataclass
+class TrainConfig(BaseConfig):
+    """Train the residual 3-D UNet on MSD Task09 (bundle recipe)."""
+
+    output_dir: str = "runs/spleen"
+    data_root: str = "/workspace/data/Task09_Spleen"  # MSD layout: imagesTr/, labelsTr/
+    data_list: str = ""  # optional JSON {"training": [{"image", "label"}], "validation": [...]}
+    val_count: int = 9  # the last 9 sorted cases validate (bundle)
+    cache_dir: str = ""  # preprocessed volumes; default <output_dir>/cache
+    # preprocessing
+    pixdim: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])
+    hu_range: list[float] = field(default_factory=lambda: [-57.0, 164.0])
+    # crops
+    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    num_samples: int = 4  # crops per volume; a batch of 2 volumes = 8 crops
+    pos: float = 1.0
+    neg: float = 1.0
+    intensity_shift: float = 0.0  # RandShiftIntensity offsets (tutorial 0.1; not in the bundle)
+    intensity_shift_prob: float = 0.5
+    # network
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    num_res_units: int = 2
+    # optimisation
+    epochs: int = 800
+    batch_size: int = 2  # volumes per process and step
+    lr: float = 2e-3  # Novograd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.0
+    lr_step_size: int = 5000  # StepLR per epoch (never fires within 800 epochs)
+    lr_gamma: float = 0.1
+    seed: int = 123
+    num_workers: int = 4
+    # validation: sliding window in the resampled space
+    val_every: int = 1
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.5
+    sw_mode: str = "constant"
+    # engineering
+    init_checkpoint: str = ""  # start from the bundle's model.pt or a project checkpoint
+    sync_bn: bool = False  # SyncBatchNorm under DDP (the bundle uses plain BN per process)
+    channels_last: bool = False  # channels_last_3d activations (try on recent GPUs)
+    max_steps_per_epoch: int = 0  # 0 = whole epoch
+    checkpoint_every: int = 0  # also save last.pt every N steps (0: at epoch ends)
+    log_every: int = 10
+    # demo: synthetic MSD-layout CT, train, validate, then infer.py + eval.py on the demo test cases
+    demo: bool = False
+    demo_cases: int = 10
+
+    @classmethod
+    def demo_preset(cls) -> dict:
+        return dict(data_root=demo_root(), output_dir="runs/spleen_demo", val_count=2, roi_size=[32, 32, 32],
+                    sw_batch_size=16, epochs=30, num_workers=2, seed=0, log_every=5, val_every=10)
+
+    def validate(self) -> None:
+        _check_window(self)
+        if self.batch_size < 1 or self.epochs < 1 or self.num_samples < 1:
+            raise ConfigError("batch_size, epochs and num_samples must be positive")
+        if len(self.pixdim) != 3 or min(self.pixdim) <= 0:
+            raise ConfigError(f"--pixdim needs three positive spacings, got {self.pixdim}")
+        if len(self.hu_range) != 2 or self.hu_range[0] >= self.hu_range[1]:
+            raise ConfigError(f"--hu-range needs min < max, got {self.hu_range}")
+        if len(self.strides) != len(self.channels) - 1:
+            raise ConfigError(f"need len(strides) == len(channels) - 1, got {self.channels} / {self.strides}")
+        divisor = 1
+        for s in self.strides:
+            divisor *= s
+        if any(r % divisor for r in self.roi_size):
+            raise ConfigError(f"--roi-size {self.roi_size} must be divisible by {divisor} (the UNet's down-sampling)")
+        if self.pos < 0 or self.neg < 0 or self.pos + self.neg <= 0:
+            raise ConfigError(f"--pos/--neg must be non-negative with a positive sum, got {self.pos}/{self.neg}")
+
+
+@dataclass
+class InferConfig(BaseConfig):
+    """Segment CT volumes: preprocess, sliding window, invert to the original grid, write NIfTI + PNG."""
+
+    images: str = ""  # a NIfTI file or a folder of them
+    checkpoint: str = ""  # the bundle's model.pt or a project checkpoint (best.pt)
+    output_dir: str = "outputs/spleen"
+    pixdim: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])
+    hu_range: list[float] = field(default_factory=lambda: [-57.0, 164.0])
+    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.5
+    sw_mode: str = "constant"  # constant (bundle) | gaussian
+    sw_on_cpu: bool = False  # accumulate the blended output on the CPU (very large scans on a small GPU)
+    largest_component: bool = False  # keep only the largest connected component (not in the bundle)
+    preview: bool = True  # <name>_preview.png with three orthogonal slices and the contour
+
+    def validate(self) -> None:
+        _check_window(self)
+        if not self.images or not self.checkpoint:
+            raise ConfigError("--images and --checkpoint are required")
+
+
+@dataclass
+class EvalConfig(BaseConfig):
+    """Dice and HD95 (mm) of predicted label maps against ground truth, in the original space."""
+
+    predictions: str = ""  # folder of <name>_seg.nii.gz (or <name>.nii.gz)
+    labels: str = ""  # folder of <name>.nii.gz
+    output: str = ""  # JSON report; default <predictions>/metrics.json
+
+    def validate(self) -> None:
+        if not self.predictions or not self.labels:
+            raise ConfigError("--predictions and --labels are required")
+
+
+@dataclass
+class BenchConfig(BaseConfig):
+    """Sliding-window inference time and peak memory at the bundle's settings, vs a naive loop."""
+
+    shape: list[int] = field(default_factory=lambda: [512, 512, 100])  # preprocessed volume (X, Y, Z)
+    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.5
+    sw_mode: str = "constant"
+    checkpoint: str = ""  # optional weights (random bundle-architecture weights otherwise)
+    naive: bool = True  # also time one window at a time, no batching, in the same run
+    output_dir: str = ""
+
+    def validate(self) -> None:
+        _check_window(self)
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ConfigError(f"--shape needs three positive sizes, got {self.shape}")
