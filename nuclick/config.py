@@ -1,0 +1,165 @@
+"""Configuration of the NuClick pipeline. Defaults are MONAI ``pathology_nuclick_annotation`` v0.2.1
+(see ../shared/reference/nuclick.md); every field is a command-line flag (``--batch-size 64``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.config import BaseConfig, ConfigError, default_cache_dir
+from nuclick.model import AXIS_ORDERS, BUNDLE_FEATURES
+
+
+def demo_root() -> str:
+    return str(default_cache_dir("nuclick_demo"))
+
+
+@dataclass
+class PrepareConfig(BaseConfig):
+    """Cut one crop per nucleus from CoNSeP (or HoVer-Net-style maps) and write dataset.json."""
+
+    input: str = "/workspace/data/CoNSeP"  # <input>/{Train,Test}/{Images,Labels}
+    output: str = "/workspace/data/CoNSePNuclei"
+    crop_size: int = 128
+    min_area: int = 80  # skip nuclei with fewer pixels inside their crop
+    min_distance: int = 20  # skip nuclei whose centroid is closer than this to the image border
+    limit: int = 0  # stop a split after this many crops (0: no limit)
+    splits: list[str] = field(default_factory=lambda: ["Train", "Test"])  # Train -> training, Test -> validation
+
+    def validate(self) -> None:
+        if self.crop_size < 16 or self.min_area < 0 or self.min_distance < 0 or self.limit < 0:
+            raise ConfigError("crop_size >= 16 and non-negative min_area, min_distance, limit are required")
+
+
+@dataclass
+class TrainConfig(BaseConfig):
+    """Train the NuClick BasicUNet on per-nucleus crops with click guidance (bundle recipe)."""
+
+    output_dir: str = "runs/nuclick"
+    data_root: str = "/workspace/data/CoNSePNuclei"  # prepare.py's output
+    datalist: str = ""  # default <data_root>/dataset.json
+    # recipe
+    epochs: int = 50
+    batch_size: int = 64  # per process
+    lr: float = 1e-4  # Adam, no schedule
+    seed: int = 123
+    num_workers: int = 4
+    features: list[int] = field(default_factory=lambda: list(BUNDLE_FEATURES))
+    brightness: float = 0.251  # ColorJitter, applied to every crop
+    contrast: float = 0.75
+    saturation: float = 0.25
+    hue: float = 0.04
+    flip_prob: float = 0.5  # flips both axes together (a 180-degree turn)
+    rot90_prob: float = 0.5
+    drop_rate: float = 0.5  # negative-click drop rate in training (whole map, then each nucleus)
+    valid_drop_rate: float = 1.0  # validation: no negative clicks
+    use_distance: bool = True  # positive click ~ exp(chessboard distance) - 1
+    gaussian: bool = False  # smooth the click maps (sigma, truncated)
+    sigma: float = 1.0
+    truncated: float = 2.0
+    cache: bool = True  # decode every crop once at start-up (the bundle's CacheDataset)
+    # initialisation and engineering
+    init_checkpoint: str = ""  # start from the bundle's model.pt (axis order "wh") or a project checkpoint
+    axis_order: str = "hw"  # hw: images as stored; wh: MONAI's transposed layout (set by init_checkpoint)
+    channels_last: bool = True  # CUDA only (slower on CPU)
+    max_steps_per_epoch: int = 0  # 0 = whole epoch
+    max_valid: int = 0  # 0 = whole validation list
+    valid_batch_size: int = 0  # 0 = batch_size
+    checkpoint_every: int = 0  # also save last.pt every N steps (0: at epoch ends only)
+    log_every: int = 10
+    preview: bool = True  # valid_preview.png with clicks, ground truth and prediction each epoch
+    # demo: synthetic CoNSeP-format set -> prepare.py -> train -> infer.py on a demo image
+    demo: bool = False
+    demo_images: int = 12  # synthetic training tiles (validation / test: a third of it)
+    demo_size: int = 256  # tile side in pixels
+    demo_crop: int = 64  # crop and click-box size of the demo (the recipe's 128 learns too slowly on CPU)
+
+    @classmethod
+    def demo_preset(cls) -> dict:
+        root = demo_root()
+        # reduced width and crop: the bundle's 7.8M-parameter net on 128 crops cannot learn in
+        # 10 minutes on 2 CPU cores; lr 1e-3 instead of 1e-4 for the same reason
+        return dict(data_root=f"{root}/prepared", output_dir="runs/nuclick_demo", epochs=6, batch_size=16,
+                    lr=1e-3, num_workers=1, seed=0, features=[16, 32, 64, 128, 256, 16], log_every=10)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("batch_size and epochs must be positive")
+        if len(self.features) != 6:
+            raise ConfigError(f"features needs 6 widths, got {self.features}")
+        if self.axis_order not in AXIS_ORDERS:
+            raise ConfigError(f"axis_order must be one of {AXIS_ORDERS}, got {self.axis_order!r}")
+        if not (0.0 <= self.drop_rate <= 1.0 and 0.0 <= self.valid_drop_rate <= 1.0):
+            raise ConfigError("drop rates must lie in [0, 1]")
+
+
+@dataclass
+class InferConfig(BaseConfig):
+    """Interactive segmentation: one nucleus per click, merged into an instance map."""
+
+    image: str = ""  # PNG/JPEG/TIFF, or a whole-slide image (read around the clicks only)
+    clicks: str = ""  # CSV of x,y rows | JSON list | GeoJSON points (QuPath)
+    checkpoint: str = ""  # project checkpoint or the bundle's model.pt
+    output_dir: str = "outputs/nuclick"
+    axis_order: str = ""  # override the checkpoint's axis order (hw | wh); empty: detect
+    bb_size: int = 128  # box around each click
+    batch_size: int = 32  # clicks per forward pass
+    threshold: float = 0.5
+    post_filter: bool = False  # remove small objects and holes (MONAI PostFilterLabeld)
+    min_size: int = 10
+    min_hole: int = 30
+    gaussian: bool = False
+    sigma: float = 1.0
+    truncated: float = 2.0
+    max_region_pixels: int = 64_000_000  # larger images are read around the clicks only
+    channels_last: bool = True
+
+    def validate(self) -> None:
+        if self.axis_order not in ("", *AXIS_ORDERS):
+            raise ConfigError(f"axis_order must be empty or one of {AXIS_ORDERS}, got {self.axis_order!r}")
+        if self.bb_size < 16 or self.batch_size < 1:
+            raise ConfigError("bb_size >= 16 and batch_size >= 1 are required")
+
+
+@dataclass
+class EvalConfig(BaseConfig):
+    """Validation Dice of a checkpoint on prepared crops, or instance Dice of an inference result."""
+
+    output_dir: str = "outputs/nuclick_eval"
+    checkpoint: str = ""
+    data_root: str = "/workspace/data/CoNSePNuclei"
+    datalist: str = ""  # default <data_root>/dataset.json
+    split: str = "validation"
+    batch_size: int = 64
+    axis_order: str = ""  # override the checkpoint's axis order
+    seed: int = 123  # positive clicks are sampled (as in the bundle's evaluation)
+    # instance-level evaluation of infer.py's output instead
+    instances: str = ""  # <stem>_instances.png
+    ground_truth: str = ""  # CoNSeP .mat, or an instance map (.npz / .png)
+
+
+@dataclass
+class ExportConfig(BaseConfig):
+    """TorchScript and ONNX export of a checkpoint, checked against PyTorch."""
+
+    checkpoint: str = ""
+    output_dir: str = "outputs/nuclick_export"
+    formats: list[str] = field(default_factory=lambda: ["torchscript", "onnx"])
+    axis_order: str = ""  # override the checkpoint's axis order
+    bb_size: int = 128  # example input size; batch and spatial axes stay dynamic in ONNX
+    opset: int = 17
+    atol: float = 1e-4
+
+    def validate(self) -> None:
+        unknown = set(self.formats) - {"torchscript", "onnx"}
+        if unknown:
+            raise ConfigError(f"--formats accepts torchscript and onnx, got {sorted(unknown)}")
+
+
+@dataclass
+class BenchConfig(BaseConfig):
+    """Throughput of the training step, the batch pipeline and click inference (prints numbers)."""
+
+    features: list[int] = field(default_factory=lambda: list(BUNDLE_FEATURES))
+    batch_size: int = 16
+    crop_size: int = 128
+    steps: int = 5  # timed iterations after one warm-up
+    clicks: int = 64  # clicks on a synthetic 512x512 image for the inference timing

@@ -1,0 +1,316 @@
+"""Per-nucleus crops, label splitting, the bundle's augmentations and click-guidance signals.
+
+Data flow (nuclick.md §3-5)::
+
+    dataset.json item -> worker: read crop (uint8 RGB) + label PNG {0, class, 255}
+                      -> split_label: mask (target nucleus, binary), others (4-connected instances)
+    batch on device   -> augment (colour jitter, 180-degree flip, rot90; same geometry for all three)
+                      -> x / 127.5 - 1, positive click ~ exp(chessboard distance) - 1 inside the mask,
+                         negative clicks at the other nuclei's centroids with the drop rates
+                      -> (B, 5, H, W) network input, (B, 1, H, W) binary target
+
+Random numbers come from explicit CPU generators (``common.augment.make_generator``), never from
+the global RNG, so a run resumed mid-epoch draws exactly what an uninterrupted run would.
+Images are stored and passed in (row, col) order; the MONAI transposition of the released weights
+is handled inside the model (``nuclick/model.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from skimage.measure import label as label_components
+from torch.utils.data import Dataset
+
+from common import augment as aug
+from common.logging import progress
+
+OTHERS_VALUE = 255
+ITEM_KEYS = ("image", "label")
+
+
+# ============================================================================= reading
+def to_rgb(array: np.ndarray, source: str = "image") -> np.ndarray:
+    """Any PIL-decoded array -> (H, W, 3) uint8 RGB: grey is replicated, alpha is composited onto
+    white (opaque images are unchanged), 16-bit values are scaled to 8 bits."""
+    a = np.asarray(array)
+    if a.dtype in (np.uint16, np.int32):  # 16-bit PNG/TIFF (PIL "I;16" / "I")
+        wide = a.astype(np.float64)
+        a = np.clip(np.rint(wide / 257.0 if wide.max(initial=0) > 255 else wide), 0, 255).astype(np.uint8)
+    elif a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        raise ValueError(f"{source}: unsupported pixel type {a.dtype}")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"{source}: expected a grey, grey+alpha, RGB or RGBA image, got shape {a.shape}")
+    colour = a[..., :1].repeat(3, -1) if a.shape[-1] in (1, 2) else a[..., :3]
+    if a.shape[-1] in (2, 4):
+        alpha = a[..., -1:].astype(np.uint16)
+        if alpha.min() < 255:
+            colour = ((colour.astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(colour)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file (PNG, JPEG, TIFF ...), see :func:`to_rgb`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P":
+                im = im.convert("RGBA")
+            elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            array = np.asarray(im)
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from err
+    return to_rgb(array, str(path))
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """Single-channel uint8 label crop {0, class, 255}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label not found: {path}")
+    with Image.open(path) as im:
+        array = np.asarray(im)
+    if array.ndim != 2:
+        raise ValueError(f"{path}: a label crop must be single-channel, got shape {array.shape}")
+    return array.astype(np.uint8)
+
+
+def read_datalist(path: str | os.PathLike, key: str) -> list[dict]:
+    """Items of ``dataset.json[key]`` with image/label paths resolved (relative paths are relative
+    to the JSON file's folder). Every item needs ``image`` and ``label``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data list not found: {path} (run nuclick/prepare.py first)")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise ValueError(f"{path}: expected a JSON object with a list under {key!r}")
+    items = []
+    for i, item in enumerate(data[key]):
+        missing = [k for k in ITEM_KEYS if k not in item]
+        if missing:
+            raise ValueError(f"{path}: {key}[{i}] lacks {missing}")
+        resolved = dict(item)
+        for k in ITEM_KEYS:
+            p = Path(item[k])
+            resolved[k] = str(p if p.is_absolute() else path.parent / p)
+        items.append(resolved)
+    if not items:
+        raise ValueError(f"{path}: the {key!r} list is empty")
+    return items
+
+
+def split_label(label: np.ndarray, others_value: int = OTHERS_VALUE) -> tuple[np.ndarray, np.ndarray, int]:
+    """MONAI ``SplitLabeld`` (nuclick.md §3): label {0, class, 255} -> (binary mask of the target,
+    others relabelled into 4-connected instances 1..K, class id)."""
+    mask = np.where(label >= others_value, 0, label)
+    class_id = int(mask.max(initial=0))
+    others = np.where(label == class_id, 0, label) if class_id else label.copy()
+    others = (others > 0).astype(np.uint8)
+    if others.any():
+        others = label_components(others, connectivity=1)
+    return (mask > 0).astype(np.uint8), others.astype(np.int16), class_id
+
+
+class NucleiDataset(Dataset):
+    """Items: (uint8 image (3, H, W), uint8 mask (1, H, W), int16 others (1, H, W), index).
+
+    Reading and label splitting only (the deterministic part the bundle caches); augmentation and
+    guidance run on the device. ``cache=True`` decodes everything once at construction, which also
+    validates every file up front (errors name the file)."""
+
+    def __init__(self, items: list[dict], cache: bool = True, desc: str = "load crops"):
+        self.items = items
+        self.size: tuple[int, int] | None = None
+        self._cache: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        if cache:
+            self._cache = [self._read(i) for i in progress(range(len(items)), desc=desc)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        item = self.items[index]
+        image = read_rgb(item["image"])
+        label = read_label_png(item["label"])
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"{item['image']}: image {image.shape[:2]} and label {label.shape} "
+                             f"({item['label']}) differ in size")
+        if self.size is None:
+            self.size = image.shape[:2]
+        elif image.shape[:2] != self.size:
+            raise ValueError(f"{item['image']}: crop size {image.shape[:2]} differs from the others' {self.size}")
+        mask, others, _ = split_label(label)
+        return np.ascontiguousarray(image.transpose(2, 0, 1)), mask[None], others[None]
+
+    def __getitem__(self, index: int):
+        image, mask, others = self._cache[index] if self._cache is not None else self._read(index)
+        return torch.from_numpy(image), torch.from_numpy(mask), torch.from_numpy(others), index
+
+
+# ============================================================================= augmentation
+@dataclass
+class AugmentConfig:
+    """The bundle's training transforms, in order (nuclick.md §5)."""
+    brightness: float = 0.251
+    contrast: float = 0.75
+    saturation: float = 0.25
+    hue: float = 0.04
+    flip_prob: float = 0.5
+    rot90_prob: float = 0.5
+
+
+def augment(image: torch.Tensor, mask: torch.Tensor, others: torch.Tensor, gen: torch.Generator,
+            cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float image (B, 3, H, W) in [0, 255], mask and others (B, 1, H, W) -> augmented copies.
+
+    ColorJitter (uint8 semantics, every sample) -> flip of both axes (p) -> rot90 k in {1,2,3} (p),
+    the geometry shared by image, mask and others."""
+    n = image.shape[0]
+    image = aug.apply_color_jitter(image, aug.sample_color_jitter(n, cfg.brightness, cfg.contrast,
+                                                                  cfg.saturation, cfg.hue, gen))
+    flip = aug.sample_flags(n, cfg.flip_prob, gen)
+    k = aug.sample_rot90(n, cfg.rot90_prob, gen)
+    image, mask, others = (aug.apply_rot90(aug.apply_flip(t, flip), k) for t in (image, mask, others))
+    return image, mask, others
+
+
+# ============================================================================= guidance signals
+@dataclass
+class GuidanceConfig:
+    """MONAI ``AddPointGuidanceSignald`` settings (bundle: use_distance, no Gaussian)."""
+    drop_rate: float = 0.5
+    use_distance: bool = True
+    gaussian: bool = False
+    sigma: float = 1.0
+    truncated: float = 2.0
+
+
+def chessboard_distance(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) binary -> chessboard distance of every foreground pixel to the nearest background
+    pixel of its image (0 on background), as ``scipy.ndimage.distance_transform_cdt``: pixels
+    outside the image are not background. Computed as 1 + the number of 3x3 erosions a pixel
+    survives (a min-pool that ignores the outside)."""
+    current = mask.float()
+    dist = torch.zeros_like(current)
+    for _ in range(max(mask.shape[-2:])):
+        if not bool(current.any()):
+            break
+        dist += current
+        current = -F.max_pool2d(-current, kernel_size=3, stride=1, padding=1)  # erosion; outside = +inf
+    return dist
+
+
+def positive_points(mask: torch.Tensor, u: torch.Tensor, use_distance: bool = True) -> torch.Tensor:
+    """One click per sample inside its mask: pixel p drawn with weight exp(d(p)) - 1 (d = chessboard
+    distance, deep pixels strongly preferred) or uniformly, by inverting the cumulative weights at
+    ``u`` (B,) in [0, 1). Empty masks give empty maps. Returns (B, 1, H, W) float {0, 1}."""
+    B, _, H, W = mask.shape
+    if use_distance:
+        d = chessboard_distance(mask).flatten(1).double()  # (B, H*W)
+        top = d.max(dim=1, keepdim=True).values
+        weights = torch.where(d > 0, torch.exp(d - top) - torch.exp(-top), torch.zeros_like(d))  # (e^d - 1) / e^top
+    else:
+        weights = (mask.flatten(1) > 0).double()
+    cdf = weights.cumsum(dim=1)
+    total = cdf[:, -1]
+    target = u.to(device=cdf.device, dtype=torch.float64).view(B) * total
+    index = torch.searchsorted(cdf, target[:, None], right=True).clamp_max(H * W - 1).view(B)
+    points = torch.zeros(B, H * W, device=mask.device)
+    valid = total > 0
+    points[valid.nonzero().flatten(), index[valid]] = 1.0
+    return points.view(B, 1, H, W)
+
+
+def region_centroids(others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Instance map (B, 1, H, W) with labels 1..K -> (present (B, K) bool, floor row (B, K), floor col
+    (B, K)) of every label's pixel centroid (skimage ``regionprops`` centroid, floored)."""
+    B, _, H, W = others.shape
+    K = int(others.max()) if others.numel() else 0
+    labels = others.long().view(B, H * W)
+    flat = (torch.arange(B, device=others.device)[:, None] * (K + 1) + labels).flatten()
+    rows = torch.arange(H, device=others.device).repeat_interleave(W).double().repeat(B)
+    cols = torch.arange(W, device=others.device).repeat(H).double().repeat(B)
+    count = torch.bincount(flat, minlength=B * (K + 1)).view(B, K + 1)[:, 1:]
+    sum_r = torch.bincount(flat, weights=rows, minlength=B * (K + 1)).view(B, K + 1)[:, 1:]
+    sum_c = torch.bincount(flat, weights=cols, minlength=B * (K + 1)).view(B, K + 1)[:, 1:]
+    safe = count.clamp_min(1).double()
+    return count > 0, torch.floor(sum_r / safe).long(), torch.floor(sum_c / safe).long()
+
+
+def negative_points(others: torch.Tensor, gen: torch.Generator, drop_rate: float) -> torch.Tensor:
+    """Exclusion map (B, 1, H, W): with probability ``drop_rate`` a sample gets none; otherwise each
+    other nucleus is kept with probability 1 - drop_rate and marked at its floored centroid."""
+    B, _, H, W = others.shape
+    points = torch.zeros(B, 1, H, W, device=others.device)
+    if drop_rate >= 1.0 or not bool(others.any()):
+        return points
+    present, rows, cols = region_centroids(others)
+    K = present.shape[1]
+    drop_all = torch.rand(B, generator=gen, dtype=torch.float64) < drop_rate
+    drop_one = torch.rand(B, K, generator=gen, dtype=torch.float64) < drop_rate
+    keep = present & ~(drop_all[:, None] | drop_one).to(others.device)
+    b, k = keep.nonzero(as_tuple=True)
+    points[b, 0, rows[b, k], cols[b, k]] = 1.0
+    return points
+
+
+def smooth_points(points: torch.Tensor, sigma: float = 1.0, truncated: float = 2.0) -> torch.Tensor:
+    """Gaussian option: each point map filtered with a normalised Gaussian (radius
+    int(truncated * sigma + 0.5), zero padding), no renormalisation; empty maps stay empty."""
+    radius = int(truncated * sigma + 0.5)
+    if radius < 1:
+        return points
+    size = 2 * radius + 1
+    return kornia.filters.gaussian_blur2d(points, (size, size), (sigma, sigma), border_type="constant")
+
+
+def guidance_inputs(image: torch.Tensor, mask: torch.Tensor, others: torch.Tensor, u: torch.Tensor,
+                    gen: torch.Generator, cfg: GuidanceConfig) -> torch.Tensor:
+    """Scaled image (B, 3, H, W) in [-1, 1] + positive and negative maps -> (B, 5, H, W)."""
+    pos = positive_points(mask, u, cfg.use_distance)
+    neg = negative_points(others, gen, cfg.drop_rate)
+    if cfg.gaussian:
+        pos, neg = smooth_points(pos, cfg.sigma, cfg.truncated), smooth_points(neg, cfg.sigma, cfg.truncated)
+    return torch.cat([image, pos.to(image.dtype), neg.to(image.dtype)], dim=1)
+
+
+# ============================================================================= batches
+def _to_device(batch, device: torch.device):
+    image, mask, others = (t.to(device, non_blocking=True) for t in batch[:3])
+    return image.float(), mask, others
+
+
+def train_batch(batch, gen: torch.Generator, aug_cfg: AugmentConfig, guide_cfg: GuidanceConfig,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loader batch -> (network input (B, 5, H, W), float target (B, 1, H, W)) on ``device``."""
+    image, mask, others = _to_device(batch, device)
+    image, mask, others = augment(image, mask, others, gen, aug_cfg)
+    u = torch.rand(image.shape[0], generator=gen, dtype=torch.float64)
+    x = guidance_inputs(aug.scale_intensity(image), mask, others, u, gen, guide_cfg)
+    return x, mask.float()
+
+
+def valid_batch(batch, seed: int, epoch: int, guide_cfg: GuidanceConfig,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """No augmentation; the positive click is drawn per sample from (seed, epoch, dataset index),
+    so the validation score does not depend on the number of processes or the batch size."""
+    image, mask, others = _to_device(batch, device)
+    u = torch.stack([torch.rand(1, generator=aug.make_generator(seed, epoch, int(i)), dtype=torch.float64)[0]
+                     for i in batch[3]])
+    gen = aug.make_generator(seed, epoch, -1)
+    x = guidance_inputs(aug.scale_intensity(image), mask, others, u, gen, guide_cfg)
+    return x, mask.float()
