@@ -28,9 +28,9 @@ from camelyon.model import build_model, load_detector_weights, load_imagenet_bac
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import find_resume, gather_rng_states, load_training_state, save_training_state
+from common.checkpoint import find_resume, load_training_state, save_training_state_collective
 from common.config import parse_config, save_config
-from common.logging import AverageMeter, MetricLogger, git_revision, progress
+from common.logging import AverageMeter, MetricLogger, git_revision, progress, report_step
 from common.optim import FunctionScheduler, Novograd, cosine_annealing
 
 
@@ -97,11 +97,8 @@ def train_one_epoch(model, loader, optimizer, amp, ctx, cfg: TrainConfig, epoch:
         step += 1
         acc = ((logits.detach() >= 0).float() == targets).float().mean().item()
         meter.update(len(targets), loss=loss.item(), acc=acc)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{acc:.3f}")
-        if step % cfg.log_every == 0:
-            logger.log(step, {"loss": loss.item(), "acc": acc, "lr": optimizer.param_groups[0]["lr"]},
-                       prefix="train", epoch=epoch)
+        report_step(bar, logger, step, epoch, cfg.log_every, loss=loss.item(), acc=acc,
+                    lr=optimizer.param_groups[0]["lr"])
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_last(epoch, step)
     bar.close()
@@ -187,13 +184,10 @@ def main(cfg: TrainConfig) -> dict:
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
     step, best, start_epoch = 0, -1.0, 0
 
-    def save_last(epoch: int, at_step: int, name: str = "last.pt") -> None:
-        rng = gather_rng_states()  # collective: every rank's generators, restored per rank on resume
-        if ctx.is_main:
-            save_training_state(out / name, model=model, optimizer=optimizer, scheduler=scheduler,
-                                scaler=amp.scaler, epoch=epoch, step=at_step, best_metric=best,
-                                config=cfg.to_dict(), rng=rng)
-        dist.barrier()
+    def save_last(epoch: int, at_step: int, name: str = "last.pt") -> None:  # collective
+        save_training_state_collective(out / name, is_main=ctx.is_main, model=model, optimizer=optimizer,
+                                       scheduler=scheduler, scaler=amp.scaler, epoch=epoch, step=at_step,
+                                       best_metric=best, config=cfg.to_dict())
 
     resume_path = find_resume(out) if cfg.resume else None
     if resume_path is not None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.dist import all_gather_object, get_rank, get_world_size
+from common.dist import all_gather_object, barrier, get_rank, get_world_size
 
 
 class CheckpointError(RuntimeError):
@@ -323,3 +323,12 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Any]
         raise CheckpointError(f"{name}: weights do not fit {type(unwrap_model(model)).__name__}: {report}")
     unwrap_model(model).load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
     return report
+
+
+def save_training_state_collective(path: str | os.PathLike, *, is_main: bool, **state: Any) -> None:
+    """Call on every rank: gathers each rank's RNG state (restored per rank on resume), rank 0 writes
+    ``save_training_state(path, **state)``, everyone waits for the file."""
+    rng = gather_rng_states()
+    if is_main:
+        save_training_state(path, rng=rng, **state)
+    barrier()

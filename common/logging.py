@@ -109,3 +109,12 @@ class AverageMeter:
     def averages(sums: Mapping[str, float]) -> dict[str, float]:
         keys = {k[:-5] for k in sums if k.endswith("__sum")}
         return {k: sums[f"{k}__sum"] / max(sums[f"{k}__n"], 1.0) for k in sorted(keys)}
+
+
+def report_step(bar, logger: MetricLogger, step: int, epoch: int, log_every: int, **scalars: float) -> None:
+    """After an optimizer step: advance the progress bar, show the scalars, and every ``log_every``
+    steps append them (plus lr, if given) to the metrics log under ``train/``."""
+    bar.update(1)
+    bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items() if k != "lr"})
+    if log_every and step % log_every == 0:
+        logger.log(step, scalars, prefix="train", epoch=epoch)

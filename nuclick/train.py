@@ -27,10 +27,9 @@ from torch.utils.data import DataLoader
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import (atomic_write_text, find_resume, gather_rng_states, load_training_state,
-                               save_training_state)
+from common.checkpoint import atomic_write_text, find_resume, load_training_state, save_training_state_collective
 from common.config import parse_config, save_config
-from common.logging import AverageMeter, MetricLogger, git_revision, progress
+from common.logging import AverageMeter, MetricLogger, git_revision, progress, report_step
 from nuclick.config import TrainConfig
 from nuclick.dataset import AugmentConfig, GuidanceConfig, NucleiDataset, read_datalist, train_batch
 from nuclick.eval import evaluate
@@ -94,10 +93,7 @@ def train_one_epoch(model, loader, optimizer, amp, ctx, cfg: TrainConfig, run: d
         run["step"] += 1
         value = loss.item()
         meter.update(len(x), loss=value)
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}")
-        if run["step"] % cfg.log_every == 0:
-            logger.log(run["step"], {"loss": value}, prefix="train", epoch=epoch)
+        report_step(bar, logger, run["step"], epoch, cfg.log_every, loss=value)
         if cfg.checkpoint_every and run["step"] % cfg.checkpoint_every == 0 and run["step"] < end:
             save_last(run["step"] // run["steps_per_epoch"], run["step"])
     bar.close()
@@ -171,12 +167,9 @@ def main(cfg: TrainConfig) -> dict:
     best = -1.0
 
     def save_last(epoch: int, at_step: int, name: str = "last.pt") -> None:
-        rng = gather_rng_states()  # collective: every rank's generators, restored per rank
-        if ctx.is_main:
-            save_training_state(out / name, model=model, optimizer=optimizer, scaler=amp.scaler, epoch=epoch,
-                                step=at_step, best_metric=best, config=cfg.to_dict(), rng=rng,
-                                extra={"axis_order": model.axis_order})
-        dist.barrier()
+        save_training_state_collective(out / name, is_main=ctx.is_main, model=model, optimizer=optimizer,
+                                       scaler=amp.scaler, epoch=epoch, step=at_step, best_metric=best,
+                                       config=cfg.to_dict(), extra={"axis_order": model.axis_order})
 
     resume_path = find_resume(out) if cfg.resume else None
     if resume_path is not None:

@@ -125,7 +125,7 @@ def test_mid_epoch_resume_equals_uninterrupted_run(prepared, tmp_path, monkeypat
 
     import nuclick.train as train_module
 
-    real_save = train_module.save_training_state
+    real_save = train_module.save_training_state_collective
 
     def save_and_keep(path, **kw):
         out = real_save(path, **kw)
@@ -133,7 +133,7 @@ def test_mid_epoch_resume_equals_uninterrupted_run(prepared, tmp_path, monkeypat
             shutil.copy(path, tmp_path / "mid.pt")
         return out
 
-    monkeypatch.setattr(train_module, "save_training_state", save_and_keep)
+    monkeypatch.setattr(train_module, "save_training_state_collective", save_and_keep)
     main(_cfg(prepared, tmp_path / "straight", epochs=2, checkpoint_every=2))
     mid = load_file(tmp_path / "mid.pt")
     assert (mid["epoch"], mid["step"]) == (0, 2)
