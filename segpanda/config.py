@@ -1,0 +1,125 @@
+"""Configuration of the segPANDA200 segmentation task. Defaults are PatchTCGA's ``config.py`` with
+the segPANDA branch of its training loop (see ../shared/reference/pretrain-segpanda.md §1, §3, §4,
+§7, §9); every field is a command-line flag (``--crop-size 512``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.config import BaseConfig, default_cache_dir
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+MODELS = ("deeplabv3", "vit_upernet", "vit_progressive")
+
+
+def demo_root() -> str:
+    return str(default_cache_dir("segpanda_demo"))
+
+
+@dataclass
+class ModelConfig(BaseConfig):
+    """What builds the network; shared by training and evaluation."""
+
+    model: str = "deeplabv3"  # deeplabv3 | vit_upernet | vit_progressive
+    backbone: str = "resnet50"  # resnet18/34/50/101 (deeplabv3) or a timm ViT name, e.g. vit_large_patch16_224
+    backbone_layers: list[int] = field(default_factory=list)  # ResNet blocks per stage ([]: the standard depth)
+    num_classes: int = 6  # 0 background/unknown, 1 stroma, 2 benign, 3/4/5 Gleason 3/4/5
+    aux_loss: bool = False  # DeepLabv3 auxiliary FCN head on layer3 (the released model has none)
+    aux_weight: float = 0.5  # torchvision references weight of the auxiliary loss
+    vit_indices: list[int] = field(default_factory=list)  # ViT blocks feeding the head ([]: 4 evenly spaced)
+    head_channels: int = 256  # width of the ViT heads
+    crop_size: int = 224  # training crop (PatchTCGA image_size); the ViT position grid is resized to it
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        is_vit = self.backbone.startswith("vit_")
+        if (self.model == "deeplabv3") == is_vit:
+            raise ValueError(f"backbone {self.backbone!r} does not fit model {self.model!r} "
+                             "(deeplabv3 takes resnet*, vit_* heads take a timm ViT)")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("image_mean and image_std need three values")
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """Fine-tune a segmentation model on segPANDA200 (random crops, CE, AdamW, warm-up + cosine)."""
+
+    output_dir: str = "runs/segpanda"
+    data_root: str = "./datasets/segPANDA200"  # <root>/{train,val,test}/<ISUP 0-5>/<slide>/<name>.jpg + _mask.png
+    backbone_weights: str = ""  # any checkpoint common.backbones accepts (ImageNet, SimCLR, MoCo, BYOL, DINO, MAE, runs)
+    init_checkpoint: str = ""  # whole-model weights: the released segPANDA200 DeepLabv3 .pt or a run's best.pt
+    seed: int = 1234
+    # recipe (PatchTCGA config.py; the exact settings of the 69.61 model are unverified)
+    epochs: int = 5
+    max_updates: int = 1000  # stop_num_updates (0: run all epochs)
+    batch_size: int = 128  # per process
+    lr: float = 1e-4  # at base_batch_size; scaled linearly (real division, not upstream's floor)
+    base_batch_size: int = 512
+    weight_decay: float = 5e-5
+    warmup_epochs: float = 1.0  # linear from lr to the scaled lr, then cosine to min_lr
+    min_lr: float = 1e-6
+    clip_norm: float = 1.0
+    ignore_index: int = -1  # -1: none (PatchTCGA trains and counts class 0)
+    class_weights: list[float] = field(default_factory=list)  # [] = unweighted cross-entropy
+    # augmentation (kornia/torch on the device; colour on the image only)
+    flip_prob: float = 0.5  # horizontal and vertical, each
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # evaluation
+    eval_every: int = 200  # updates between validations (also at every epoch end)
+    val_crop_size: int = 224  # centre crop of validation/test tiles (PatchTCGA); 0 = whole tile, sliding window
+    sw_overlap: float = 0.25
+    sw_batch_size: int = 8
+    best_metric: str = "patchtcga_miou_macro"  # key of the metrics dict that selects best.pt
+    num_overlays: int = 8  # overlay PNGs of test predictions written by rank 0
+    validate_values: bool = True  # decode every mask at start-up to check label values (else on load)
+    # engineering
+    valid_batch_size: int = 0  # 0: batch_size (1 when tiles are evaluated whole)
+    channels_last: bool = True  # used on CUDA
+    checkpoint_every: int = 0  # also save last.pt every N updates
+    log_every: int = 10
+    max_steps_per_epoch: int = 0
+    demo: bool = False  # synthetic tiles in the real layout, small model; prints the test mIoU
+
+    @classmethod
+    def demo_preset(cls) -> dict:
+        return dict(data_root=demo_root(), output_dir="runs/segpanda_demo", backbone="resnet18",
+                    backbone_layers=[1, 1, 1, 1], crop_size=96, val_crop_size=0, batch_size=8, lr=2e-3,
+                    base_batch_size=8, weight_decay=1e-4, epochs=7, max_updates=0, warmup_epochs=0.5, eval_every=0,
+                    num_workers=2, jitter_prob=0.5, brightness=0.1, contrast=0.1, saturation=0.1,
+                    hue=0.02, blur_prob=0.2, blur_sigma=[0.1, 1.0], log_every=10, sw_batch_size=4)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size < 1 or self.epochs < 1 or self.crop_size < 16:
+            raise ValueError("batch_size and epochs must be positive and crop_size >= 16")
+        if self.class_weights and len(self.class_weights) != self.num_classes:
+            raise ValueError(f"class_weights needs {self.num_classes} values, got {len(self.class_weights)}")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be [min, max] with 0 < min <= max, got {self.blur_sigma}")
+
+
+@dataclass
+class EvalConfig(ModelConfig):
+    """Evaluate a checkpoint on a split: mIoU (both variants), Dice, pixel accuracy, overlays."""
+
+    output_dir: str = "outputs/segpanda"
+    data_root: str = "./datasets/segPANDA200"
+    split: str = "test"
+    checkpoint: str = ""  # a run's best.pt/last.pt or the released segPANDA200 DeepLabv3 state_dict
+    val_crop_size: int = 224  # 0 = whole tiles with sliding-window inference at crop_size
+    sw_overlap: float = 0.25
+    sw_batch_size: int = 8
+    batch_size: int = 16
+    ignore_index: int = -1
+    num_overlays: int = 16
+    validate_values: bool = True
+    use_checkpoint_config: bool = True  # a run's checkpoint sets the model fields (model, backbone, crop, ...)

@@ -1,0 +1,223 @@
+"""Fine-tune a segmentation model on segPANDA200 (PatchTCGA's segPANDA branch).
+
+    python segpanda/train.py --data-root datasets/segPANDA200 --backbone-weights moco_v2_ptcga.pth.tar
+    python segpanda/train.py --model vit_upernet --backbone vit_large_patch16_224 --backbone-weights mae.pth
+    python segpanda/train.py --demo                                       # synthetic tiles, ~10 min on CPU
+    torchrun --nproc_per_node 4 segpanda/train.py --data-root ...         # DDP (or --hosts a b --gpus-per-node 4)
+
+Workers decode whole tiles; on the device each batch is randomly cropped and flipped (replayed on
+the mask), colour-jittered and blurred (image only), normalised. Cross-entropy (no ignore index by
+default), AdamW at lr * global_batch / 512, linear warm-up for one epoch then cosine, clip 1.0,
+AMP; the run stops after ``max_updates``. Validation every ``eval_every`` updates and at each epoch
+end; ``best.pt`` keeps the best ``best_metric``, ``last.pt`` the latest (auto-resume, also mid-epoch);
+at the end the test split is evaluated with ``best.pt`` and overlays are written.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from common import dist
+from common.amp import MixedPrecision
+from common.augment import make_generator
+from common.checkpoint import find_resume, gather_rng_states, load_file, load_training_state, save_training_state
+from common.config import parse_config, save_config
+from common.logging import AverageMeter, MetricLogger, git_revision, progress
+from common.optim import FunctionScheduler, scaled_lr, split_decay_groups, warmup_cosine
+from segpanda.config import TrainConfig
+from segpanda.dataset import (AugmentConfig, SegPandaDataset, find_samples, sample_augment, train_transform,
+                              validate_samples)
+from segpanda.eval import evaluate, format_metrics, make_eval_loader
+from segpanda.model import build_model, load_pretrained_backbone, load_segmentation_weights
+
+
+def build_train_loader(cfg: TrainConfig, ctx: dist.DistContext):
+    samples = find_samples(cfg.data_root, "train")
+    tile = None
+    if ctx.is_main:  # fail now, not hours into an epoch
+        tile = validate_samples(samples, cfg.num_classes, min_size=cfg.crop_size, uniform=True,
+                                check_values=cfg.validate_values, workers=max(cfg.num_workers, 1))
+    tile = dist.broadcast_object(tile)
+    ds = SegPandaDataset(samples, cfg.num_classes)
+    sampler = dist.make_sampler(ds, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
+                        pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                        worker_init_fn=dist.worker_init_fn, generator=torch.Generator().manual_seed(cfg.seed + ctx.rank))
+    if len(loader) == 0:
+        raise ValueError(f"{cfg.data_root}/train: {len(ds)} tiles give no full batch of {cfg.batch_size} per process")
+    return loader, sampler, tuple(tile)
+
+
+def build_model_for(cfg: TrainConfig, ctx: dist.DistContext) -> torch.nn.Module:
+    model = build_model(cfg)
+    if cfg.backbone_weights:
+        dist.print0(load_pretrained_backbone(model, cfg.backbone_weights))
+    if cfg.init_checkpoint:
+        load_segmentation_weights(model, cfg.init_checkpoint)
+    if ctx.distributed and ctx.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device)
+    if cfg.channels_last and ctx.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def segmentation_loss(out: dict[str, torch.Tensor], target: torch.Tensor, cfg: TrainConfig,
+                      weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy on ``out`` (+ ``aux_weight`` x the auxiliary head's, torchvision references)."""
+    kw = dict(weight=weight, ignore_index=cfg.ignore_index if cfg.ignore_index >= 0 else -100)
+    loss = F.cross_entropy(out["out"].float(), target, **kw)
+    if "aux" in out:
+        loss = loss + cfg.aux_weight * F.cross_entropy(out["aux"].float(), target, **kw)
+    return loss
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, amp, ctx, cfg: TrainConfig, epoch: int, step: int,
+                    steps_per_epoch: int, last_step: int, tile: tuple[int, int], logger: MetricLogger, hooks) -> int:
+    """One pass (or up to ``last_step``); ``hooks(epoch, step)`` validates / checkpoints in between."""
+    model.train()
+    aug = AugmentConfig(**{k: getattr(cfg, k) for k in AugmentConfig.__dataclass_fields__})
+    weight = torch.tensor(cfg.class_weights, device=ctx.device) if cfg.class_weights else None
+    meter = AverageMeter()
+    end = min((epoch + 1) * steps_per_epoch, last_step)
+    bar = progress(total=end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}")
+    for images, masks in loader:
+        if step >= end:
+            break
+        images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
+        params = sample_augment(len(images), tile, aug, make_generator(cfg.seed, ctx.rank, step))
+        x, y = train_transform(images, masks, params, aug, cfg.image_mean, cfg.image_std)
+        if cfg.channels_last and ctx.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp.autocast():
+            out = model(x)
+        loss = segmentation_loss(out, y, cfg, weight)
+        grad_norm = amp.backward_step(loss, optimizer, model.parameters(), cfg.clip_norm)
+        scheduler.step()
+        step += 1
+        meter.update(1, loss=loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0:
+            logger.log(step, {"loss": loss.item(), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]},
+                       prefix="train", epoch=epoch)
+        hooks(epoch, step, end_of_epoch=False)
+    bar.close()
+    return step
+
+
+def prepare_demo_data(cfg: TrainConfig, ctx: dist.DistContext) -> None:
+    from segpanda.demo import make_demo
+
+    if ctx.is_main:
+        layout = make_demo(cfg.data_root)
+        print(f"demo data in {layout.root} ({'generated in %.0fs' % layout.seconds if layout.generated else 'cached'})")
+    dist.barrier()
+
+
+def main(cfg: TrainConfig) -> dict:
+    ctx = dist.setup(cfg.device)
+    dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
+    out = Path(cfg.output_dir)
+    if cfg.demo:
+        prepare_demo_data(cfg, ctx)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        print(f"segpanda train | git {git_revision()} | world {ctx.world_size} | device {ctx.device}", flush=True)
+    train_loader, sampler, tile = build_train_loader(cfg, ctx)
+    eval_loader = lambda split: make_eval_loader(cfg.data_root, split, cfg.num_classes, cfg.val_crop_size,
+                                                 cfg.valid_batch_size or cfg.batch_size, cfg.num_workers, ctx,
+                                                 cfg.validate_values)
+    valid_loader = eval_loader("val")
+    model = build_model_for(cfg, ctx)
+    ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
+        if ctx.distributed else model
+    steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
+    total = steps_per_epoch * cfg.epochs
+    last_step = min(total, cfg.max_updates) if cfg.max_updates else total
+    peak = scaled_lr(cfg.lr, cfg.batch_size * ctx.world_size, cfg.base_batch_size)
+    optimizer = torch.optim.AdamW(split_decay_groups(model, cfg.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = FunctionScheduler(optimizer, lambda s: warmup_cosine(s, total, warmup, peak, cfg.min_lr, cfg.lr))
+    amp = MixedPrecision(ctx.device, cfg.precision)
+    step, best, start_epoch = 0, -1.0, 0
+
+    def save(epoch: int, at_step: int, name: str = "last.pt") -> None:
+        rng = gather_rng_states()  # collective: each rank resumes its own streams
+        if ctx.is_main:
+            save_training_state(out / name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=amp.scaler,
+                                epoch=epoch, step=at_step, best_metric=best, config=cfg.to_dict(), rng=rng)
+        dist.barrier()
+
+    resume_path = find_resume(out) if cfg.resume else None
+    if resume_path is not None:
+        state = load_training_state(resume_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=amp.scaler)
+        step, start_epoch = state["step"], state["epoch"]  # completed steps / completed epochs
+        best = state["best_metric"] if state["best_metric"] is not None else -1.0
+        dist.print0(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+    logger = MetricLogger(out)
+
+    def validate(epoch: int, at_step: int) -> dict:
+        nonlocal best
+        metrics = evaluate(model, valid_loader, amp, ctx, cfg.num_classes, cfg.crop_size, cfg.image_mean,
+                           cfg.image_std, cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap, desc="validate")
+        model.train()
+        logger.log(at_step, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="valid", epoch=epoch)
+        dist.print0(f"step {at_step}: valid mIoU {metrics['patchtcga_miou_macro']:.4f} (PatchTCGA macro) "
+                    f"{metrics['miou_macro_nan']:.4f} (nan-macro) pixel acc {metrics['pixel_accuracy']:.4f}")
+        if metrics[cfg.best_metric] > best:
+            best = metrics[cfg.best_metric]
+            save(epoch, at_step, "best.pt")
+        return metrics
+
+    def hooks(epoch: int, at_step: int, end_of_epoch: bool) -> None:
+        if not end_of_epoch and cfg.eval_every and at_step % cfg.eval_every == 0:
+            validate(epoch, at_step)
+        if end_of_epoch or (cfg.checkpoint_every and at_step % cfg.checkpoint_every == 0):
+            save(epoch + int(end_of_epoch and at_step % steps_per_epoch == 0), at_step)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if step >= last_step:
+            break
+        sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.batch_size)
+        t0 = time.time()
+        step = train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, ctx, cfg, epoch, step, steps_per_epoch,
+                               last_step, tile, logger, hooks)
+        if not (cfg.eval_every and step % cfg.eval_every == 0):  # not just validated
+            validate(epoch + 1, step)
+        hooks(epoch, step, end_of_epoch=True)
+        dist.print0(f"epoch {epoch + 1}/{cfg.epochs} done at step {step} [{time.time() - t0:.0f}s]")
+    result = test_best(cfg, ctx, model, amp, eval_loader("test"), out, logger, step)
+    result.update(best_valid=best, run_dir=str(out))
+    logger.close()
+    if ctx.is_main:
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    dist.cleanup()
+    return result
+
+
+def test_best(cfg: TrainConfig, ctx, model, amp, loader, out: Path, logger: MetricLogger, step: int) -> dict:
+    """Evaluate ``best.pt`` (else the current weights) on the test split; overlays in ``out/overlays``."""
+    best_path = out / "best.pt"
+    if best_path.is_file():
+        model.load_state_dict(load_file(best_path)["model"])
+    metrics = evaluate(model, loader, amp, ctx, cfg.num_classes, cfg.crop_size, cfg.image_mean, cfg.image_std,
+                       cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap, overlay_dir=out / "overlays",
+                       num_overlays=cfg.num_overlays, desc="test")
+    logger.log(step, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="test")
+    if ctx.is_main:
+        print(f"test ({len(loader.dataset)} tiles, {'best.pt' if best_path.is_file() else 'last weights'}):\n"
+              f"{format_metrics(metrics)}\noverlays: {out / 'overlays'}")
+    return {"test": metrics}
+
+
+if __name__ == "__main__":
+    dist.launch(main, parse_config(TrainConfig))
