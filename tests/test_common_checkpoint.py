@@ -185,7 +185,7 @@ def _rng_worker(ctx, run_dir):
 
 def test_each_rank_resumes_its_own_random_stream(tmp_path):
     run_workers(_rng_worker, 2, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"rng{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rng{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["got"], r0["expect"]) and torch.equal(r1["got"], r1["expect"])
     assert not torch.equal(r0["got"], r1["got"])
     # a single saved state is rank 0's: rank 0 continues it, rank 1 is not given rank 0's stream

@@ -172,7 +172,7 @@ def _collectives_worker(ctx, out_dir):
 
 def test_collectives_over_two_processes(tmp_path):
     run_workers(_collectives_worker, 2, str(tmp_path))
-    r = [torch.load(tmp_path / f"r{i}.pt") for i in (0, 1)]
+    r = [torch.load(tmp_path / f"r{i}.pt", weights_only=True) for i in (0, 1)]
     for res in r:
         assert res["t"].tolist() == [3.0, 30.0]
         assert res["sums"]["n"] == 7.0 and res["sums"]["x"] == pytest.approx(0.3, abs=1e-15)
