@@ -29,8 +29,8 @@ from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
 from common.checkpoint import find_resume, load_training_state, save_training_state_collective
-from common.config import parse_config, save_config
-from common.logging import AverageMeter, MetricLogger, git_revision, progress, report_step
+from common.config import parse_config
+from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
 from common.optim import FunctionScheduler, Novograd, cosine_annealing
 
 
@@ -167,13 +167,9 @@ def demo_inference_and_froc(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
-    out = Path(cfg.output_dir)
     if cfg.demo:
         prepare_demo_data(cfg, ctx)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-        print(f"camelyon train | git {git_revision()} | world {ctx.world_size} | device {ctx.device}", flush=True)
+    out = start_run(cfg, "camelyon train", ctx)
     train_loader, valid_loader, sampler = build_loaders(cfg, ctx)
     model = build_model_for(cfg, ctx)
     ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \

@@ -118,3 +118,16 @@ def report_step(bar, logger: MetricLogger, step: int, epoch: int, log_every: int
     bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items() if k != "lr"})
     if log_every and step % log_every == 0:
         logger.log(step, scalars, prefix="train", epoch=epoch)
+
+
+def start_run(cfg, name: str, ctx) -> Path:
+    """Rank 0: create the run folder, write the resolved ``config.json``, print a banner with the
+    git revision, world size and device. Returns the run folder on every rank."""
+    from common.config import save_config
+
+    out = Path(cfg.output_dir)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        print(f"{name} | git {git_revision()} | world {ctx.world_size} | device {ctx.device}", flush=True)
+    return out

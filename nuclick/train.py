@@ -28,8 +28,8 @@ from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
 from common.checkpoint import atomic_write_text, find_resume, load_training_state, save_training_state_collective
-from common.config import parse_config, save_config
-from common.logging import AverageMeter, MetricLogger, git_revision, progress, report_step
+from common.config import parse_config
+from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
 from nuclick.config import TrainConfig
 from nuclick.dataset import AugmentConfig, GuidanceConfig, NucleiDataset, read_datalist, train_batch
 from nuclick.eval import evaluate
@@ -147,13 +147,9 @@ def demo_inference(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
-    out = Path(cfg.output_dir)
     if cfg.demo:
         prepare_demo_data(cfg, ctx)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-        print(f"nuclick train | git {git_revision()} | world {ctx.world_size} | device {ctx.device}", flush=True)
+    out = start_run(cfg, "nuclick train", ctx)
     train_loader, valid_loader, sampler = build_loaders(cfg, ctx)
     model = build_model_for(cfg, ctx)
     dist.print0(f"BasicUNet features {list(model.features)}: {count_parameters(model)[0]:,} parameters; "

@@ -27,8 +27,8 @@ from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
 from common.checkpoint import find_resume, gather_rng_states, load_training_state, save_training_state
-from common.config import parse_config, save_config
-from common.logging import MetricLogger, git_revision, progress
+from common.config import parse_config
+from common.logging import MetricLogger, progress, start_run
 from common.metrics.classification import roc_auc
 from common.optim import FunctionScheduler, scaled_lr, split_decay_groups, warmup_cosine
 from pretrain.config import FinetuneConfig
@@ -122,13 +122,9 @@ def demo_data(cfg: FinetuneConfig, ctx: dist.DistContext) -> None:
 def main(cfg: FinetuneConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
-    out = Path(cfg.output_dir)
     if cfg.demo:
         demo_data(cfg, ctx)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-        print(f"pretrain finetune | git {git_revision()} | world {ctx.world_size} | device {ctx.device}", flush=True)
+    out = start_run(cfg, "pretrain finetune", ctx)
     train_loader, eval_loaders, sampler = build_loaders(cfg, ctx)
     model, imported = build_classifier(cfg.arch, cfg.num_classes, cfg.dropout, cfg.backbone)
     if imported is not None:

@@ -27,8 +27,8 @@ from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
 from common.checkpoint import find_resume, gather_rng_states, load_file, load_training_state, save_training_state
-from common.config import parse_config, save_config
-from common.logging import AverageMeter, MetricLogger, git_revision, progress
+from common.config import parse_config
+from common.logging import AverageMeter, MetricLogger, progress, start_run
 from common.optim import FunctionScheduler, scaled_lr, split_decay_groups, warmup_cosine
 from segpanda.config import TrainConfig
 from segpanda.dataset import (AugmentConfig, SegPandaDataset, find_samples, sample_augment, train_transform,
@@ -125,13 +125,9 @@ def prepare_demo_data(cfg: TrainConfig, ctx: dist.DistContext) -> None:
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
-    out = Path(cfg.output_dir)
     if cfg.demo:
         prepare_demo_data(cfg, ctx)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-        print(f"segpanda train | git {git_revision()} | world {ctx.world_size} | device {ctx.device}", flush=True)
+    out = start_run(cfg, "segpanda train", ctx)
     train_loader, sampler, tile = build_train_loader(cfg, ctx)
     eval_loader = lambda split: make_eval_loader(cfg.data_root, split, cfg.num_classes, cfg.val_crop_size,
                                                  cfg.valid_batch_size or cfg.batch_size, cfg.num_workers, ctx,

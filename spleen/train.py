@@ -27,8 +27,8 @@ from common.amp import MixedPrecision
 from common.augment import make_generator, sample_flags
 from common.checkpoint import (atomic_torch_save, atomic_write_text, find_resume, load_training_state,
                                save_training_state_collective)
-from common.config import parse_config, save_config
-from common.logging import AverageMeter, MetricLogger, git_revision, progress, report_step
+from common.config import parse_config
+from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
 from common.metrics.dice import DiceAccumulator
 from common.optim import FunctionScheduler, Novograd
 from spleen.config import EvalConfig, InferConfig, TrainConfig
@@ -151,15 +151,11 @@ def demo_inference_and_eval(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
-    out = Path(cfg.output_dir)
     if cfg.demo and ctx.is_main:
         t0 = time.time()
         make_demo(cfg.data_root, num_train=cfg.demo_cases)
         print(f"demo data in {cfg.data_root} ({time.time() - t0:.0f}s)", flush=True)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-        print(f"spleen train | git {git_revision()} | world {ctx.world_size} | device {ctx.device}", flush=True)
+    out = start_run(cfg, "spleen train", ctx)
     train_loader, val_loader, sampler = build_loaders(cfg, ctx)
     model = build_model_for(cfg, ctx)
     ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
