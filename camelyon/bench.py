@@ -29,7 +29,7 @@ from common.config import BaseConfig, parse_config
 @dataclass
 class BenchConfig(BaseConfig):
     slide: str = ""  # default: the first demo test slide (generated if needed)
-    cells: int = 16  # side of the block of grid cells processed by every mode
+    cells: int = 32  # side of the block of grid cells processed by every mode
     naive_cells: int = 64  # the naive loop is slow: time this many cells and extrapolate the rate
     batch_size: int = 64
     num_workers: int = 2

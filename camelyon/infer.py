@@ -105,11 +105,15 @@ class Tile:
 
 
 def plan_tiles(mask: np.ndarray, tile_cells: int) -> list[Tile]:
-    """Blocks of up to tile_cells x tile_cells cells that contain tissue."""
+    """Blocks of up to tile_cells x tile_cells cells that contain tissue, laid from the top-left
+    corner of the tissue's bounding box (fewer, fuller tiles than a grid anchored at 0)."""
     H, W = mask.shape
-    tiles = []
-    for r0 in range(0, H, tile_cells):
-        for c0 in range(0, W, tile_cells):
+    tiles: list[Tile] = []
+    if not mask.any():
+        return tiles
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    for r0 in range(int(rows[0]), int(rows[-1]) + 1, tile_cells):
+        for c0 in range(int(cols[0]), int(cols[-1]) + 1, tile_cells):
             block = mask[r0:r0 + tile_cells, c0:c0 + tile_cells]
             if block.any():
                 tiles.append(Tile(r0, c0, block.shape[0], block.shape[1]))
