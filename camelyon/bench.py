@@ -2,7 +2,7 @@
 
     python camelyon/bench.py [--slide PATH] [--cells 16] [--device cuda] [--precision fp16]
 
-On one slide and the same block of tissue cells it measures, each in a fresh process (so peak
+On one slide and the same block of tissue cells it measures, each in a forked process (so peak
 memory is per mode):
 - naive: one ``read_region`` + one forward per patch, sequentially (how a first script does it);
 - patch: the bundle mode (data-loader workers, batches of patches);
@@ -122,7 +122,7 @@ def _run_mode(mode: str, cfg: BenchConfig, queue) -> None:
 
 
 def run_isolated(mode: str, cfg: BenchConfig) -> dict:
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # spawn would also spawn the data-loader workers (seconds of start-up per call)
     queue = ctx.Queue()
     proc = ctx.Process(target=_run_mode, args=(mode, cfg, queue))
     proc.start()
