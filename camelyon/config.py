@@ -12,7 +12,23 @@ def demo_root() -> str:
 
 
 @dataclass
-class TrainConfig(BaseConfig):
+class AugmentConfig:
+    """The bundle's training transforms, applied per 224 patch in this order: ColorJitter
+    (uint8 semantics, random order), flip of both axes, rot90, zoom, scaling to [-1, 1]."""
+
+    brightness: float = 0.25
+    contrast: float = 0.75
+    saturation: float = 0.25
+    hue: float = 0.04
+    flip_prob: float = 0.5
+    rot90_prob: float = 0.5
+    zoom_prob: float = 0.5
+    zoom_min: float = 0.9
+    zoom_max: float = 1.1
+
+
+@dataclass
+class TrainConfig(AugmentConfig, BaseConfig):
     """Train the ResNet18 patch classifier on 768-px regions split 3x3 (bundle recipe)."""
 
     output_dir: str = "runs/camelyon"
@@ -31,15 +47,6 @@ class TrainConfig(BaseConfig):
     seed: int = 15
     shuffle: bool = True  # the bundle's multi-GPU config shuffles; its single-GPU config does not
     num_workers: int = 8
-    brightness: float = 0.25
-    contrast: float = 0.75
-    saturation: float = 0.25
-    hue: float = 0.04
-    flip_prob: float = 0.5
-    rot90_prob: float = 0.5
-    zoom_prob: float = 0.5
-    zoom_min: float = 0.9
-    zoom_max: float = 1.1
     # initialisation
     pretrained: str = ""  # local torchvision resnet18 ImageNet .pth (the bundle starts from ImageNet)
     init_checkpoint: str = ""  # start from a bundle model.pt or a project checkpoint

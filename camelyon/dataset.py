@@ -23,6 +23,7 @@ import openslide
 import torch
 from torch.utils.data import Dataset
 
+from camelyon.config import AugmentConfig
 from common import augment as aug
 
 REGION = 768
@@ -277,20 +278,6 @@ def split_grid(regions: torch.Tensor, labels: torch.Tensor, patch: int = PATCH) 
              for r in range(GRID) for c in range(GRID)]
     patches = torch.stack(tiles, dim=1).reshape(B * GRID * GRID, C, patch, patch)  # (B, 9, C, P, P) -> (B*9, ...)
     return patches, labels.reshape(B * GRID * GRID)
-
-
-@dataclass
-class AugmentConfig:
-    """The bundle's training transforms (applied per 224 patch, in this order)."""
-    brightness: float = 0.25
-    contrast: float = 0.75
-    saturation: float = 0.25
-    hue: float = 0.04
-    flip_prob: float = 0.5
-    rot90_prob: float = 0.5
-    zoom_prob: float = 0.5
-    zoom_min: float = 0.9
-    zoom_max: float = 1.1
 
 
 def train_transform(patches: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from camelyon.config import TrainConfig
-from camelyon.dataset import (AugmentConfig, RegionDataset, eval_transform, read_patch_list, split_grid,
+from camelyon.dataset import (RegionDataset, eval_transform, read_patch_list, split_grid,
                               train_transform, validate_records)
 from camelyon.model import build_model, load_detector_weights, load_imagenet_backbone
 from common import dist
@@ -79,7 +79,6 @@ def to_patches(regions: torch.Tensor, labels: torch.Tensor, device: torch.device
 def train_one_epoch(model, loader, optimizer, amp, ctx, cfg: TrainConfig, epoch: int, step: int,
                     steps_per_epoch: int, logger: MetricLogger, save_last) -> int:
     model.train()
-    aug_cfg = AugmentConfig(**{k: getattr(cfg, k) for k in AugmentConfig.__dataclass_fields__})
     meter = AverageMeter()
     first = step - epoch * steps_per_epoch
     bar = progress(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}")
@@ -87,7 +86,7 @@ def train_one_epoch(model, loader, optimizer, amp, ctx, cfg: TrainConfig, epoch:
         if step >= (epoch + 1) * steps_per_epoch:
             break
         patches, targets = to_patches(regions, labels, ctx.device)
-        x = train_transform(patches, make_generator(cfg.seed, ctx.rank, step), aug_cfg)
+        x = train_transform(patches, make_generator(cfg.seed, ctx.rank, step), cfg)  # cfg is an AugmentConfig
         if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():

@@ -386,3 +386,45 @@ def test_patch_accuracy_of_a_checkpoint(small_slides, tmp_path):
                                           checkpoint=str(tmp_path / "model.pt"), num_workers=0, batch_size=2))
     assert metrics["patches"] == 18 and metrics["acc"] == pytest.approx(14 / 18)
     assert metrics["positive_fraction"] == pytest.approx(4 / 18)
+
+
+def _train_cfg(small_slides, tmp_path, out, **kw):
+    from camelyon.config import TrainConfig
+    rows = "".join(f"tissue,{x},{y},{lab}\n" for x, y, lab in
+                   [(700, 650, "1,1,1,0,0,0,0,0,0"), (800, 700, "0,0,0,0,0,0,0,0,0"),
+                    (760, 680, "0,1,0,1,0,1,0,1,0"), (720, 660, "1,0,0,0,0,0,0,0,0")])
+    (tmp_path / "train.csv").write_text(rows)
+    return TrainConfig(output_dir=str(out), train_list=str(tmp_path / "train.csv"),
+                       valid_list=str(tmp_path / "train.csv"), image_dir=str(small_slides), epochs=1,
+                       batch_size=1, num_workers=0, max_valid_regions=1, log_every=1, **kw)
+
+
+def test_training_smoke_and_mid_epoch_resume_is_exact(small_slides, tmp_path, monkeypatch):
+    """The last.pt written after step 2 of a 4-step epoch, resumed in a fresh folder, ends on the
+    same weights as the uninterrupted run (sampler skip, per-step augmentation seeds, RNG state)."""
+    import shutil
+    import camelyon.train as train_module
+    from common.checkpoint import load_file
+
+    real_save = train_module.save_training_state_collective
+
+    def save_and_keep(path, **kw):
+        real_save(path, **kw)
+        if kw["step"] == 2 and Path(path).name == "last.pt":
+            shutil.copy(path, tmp_path / "mid.pt")
+
+    monkeypatch.setattr(train_module, "save_training_state_collective", save_and_keep)
+    straight = train_module.main(_train_cfg(small_slides, tmp_path, tmp_path / "a", checkpoint_every=2))
+    assert 0.0 <= straight["best_valid_acc"] <= 1.0
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert any('"train/loss"' in line for line in lines) and any('"valid/acc"' in line for line in lines)
+    assert (tmp_path / "a" / "best.pt").is_file() and (tmp_path / "a" / "config.json").is_file()
+    mid = load_file(tmp_path / "mid.pt")
+    assert (mid["epoch"], mid["step"]) == (0, 2)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "mid.pt", tmp_path / "b" / "last.pt")
+    train_module.main(_train_cfg(small_slides, tmp_path, tmp_path / "b", checkpoint_every=2))
+    a, b = load_file(tmp_path / "a" / "last.pt"), load_file(tmp_path / "b" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
