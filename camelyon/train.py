@@ -28,7 +28,7 @@ from camelyon.model import build_model, load_detector_weights, load_imagenet_bac
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import find_resume, load_training_state, save_training_state_collective
+from common.checkpoint import atomic_write_text, find_resume, load_training_state, save_training_state_collective
 from common.config import parse_config
 from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
 from common.optim import FunctionScheduler, Novograd, cosine_annealing
@@ -213,7 +213,7 @@ def main(cfg: TrainConfig) -> dict:
     if cfg.demo:
         result.update(demo_inference_and_froc(cfg, ctx))
     if ctx.is_main:
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     dist.cleanup()
     return result
 

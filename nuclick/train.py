@@ -197,7 +197,7 @@ def main(cfg: TrainConfig) -> dict:
     if cfg.demo and ctx.is_main:  # inference needs no collectives: rank 0 alone
         result.update(demo_inference(cfg, ctx))
     if ctx.is_main:
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     dist.cleanup()
     return result
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.checkpoint import atomic_write_text
+
 SPLITS = {"train": 12, "val": 4, "test": 4}  # cases per class; 40 patches per case
 PER_CASE = 40
 SIZE = 96
@@ -58,7 +60,7 @@ def make_pcam_like(root: Path, seed: int = 0, splits: dict | None = None) -> Pat
                 case.mkdir(parents=True, exist_ok=True)
                 for i in range(PER_CASE):
                     Image.fromarray(synth_patch(rng, bool(label))).save(case / f"{case.name}_{i:03d}.png")
-    (root / MARKER).write_text(json.dumps({"splits": SPLITS, "per_case": PER_CASE, "size": SIZE}) + "\n")
+    atomic_write_text(root / MARKER, json.dumps({"splits": SPLITS, "per_case": PER_CASE, "size": SIZE}) + "\n")
     return root
 
 
@@ -101,7 +103,7 @@ def make_organ_like(root: Path, per_organ: int = 200, seed: int = 1) -> Path:
             part = "train" if i < 0.7 * per_organ else "val" if i < 0.85 * per_organ else "test"
             split[part]["imgs"].append(name)
     (root.parent / "3fold_dict_idx_filenames.pickle").write_bytes(pickle.dumps({"0": split}))
-    (root / MARKER).write_text(json.dumps({"organs": list(ORGANS), "per_organ": per_organ}) + "\n")
+    atomic_write_text(root / MARKER, json.dumps({"organs": list(ORGANS), "per_organ": per_organ}) + "\n")
     return root
 
 

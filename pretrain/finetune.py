@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Subset
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import find_resume, gather_rng_states, load_training_state, save_training_state
+from common.checkpoint import (atomic_write_text, find_resume, load_training_state,
+                               save_training_state_collective)
 from common.config import parse_config
 from common.logging import MetricLogger, progress, start_run
 from common.metrics.classification import roc_auc
@@ -141,11 +142,9 @@ def main(cfg: FinetuneConfig) -> dict:
     state = {"step": 0, "best": -1.0}
 
     def save(epoch: int, name: str = "last.pt") -> None:
-        rng = gather_rng_states()
-        if ctx.is_main:
-            save_training_state(out / name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=amp.scaler,
-                                epoch=epoch, step=state["step"], best_metric=state["best"], config=cfg.to_dict(), rng=rng)
-        dist.barrier()
+        save_training_state_collective(out / name, is_main=ctx.is_main, model=model, optimizer=optimizer,
+                                       scheduler=scheduler, scaler=amp.scaler, epoch=epoch, step=state["step"],
+                                       best_metric=state["best"], config=cfg.to_dict())
 
     def validate(epoch: int) -> dict:
         metrics = evaluate(model, eval_loaders["val"], amp, ctx, cfg)
@@ -184,7 +183,7 @@ def main(cfg: FinetuneConfig) -> dict:
     result = {"best_val_acc": state["best"], "test": test, "steps": state["step"], "seconds": time.time() - t0,
               "backbone": cfg.backbone or "random init", "run_dir": str(out)}
     if ctx.is_main:
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
         confusion = f" confusion {test['confusion_matrix']}" if cfg.num_classes <= 4 else ""
         print(f"test (best.pt): acc {test['acc']:.4f} balanced acc {test['balanced_acc']:.4f} "
               f"auc {test['auc']:.4f}{confusion}")

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import find_resume, gather_rng_states, load_file, load_training_state, save_training_state
+from common.checkpoint import (atomic_write_text, find_resume, load_file, load_training_state,
+                               save_training_state_collective)
 from common.config import parse_config
 from common.logging import AverageMeter, MetricLogger, progress, start_run
 from common.optim import FunctionScheduler, scaled_lr, split_decay_groups, warmup_cosine
@@ -147,11 +148,9 @@ def main(cfg: TrainConfig) -> dict:
     step, best, start_epoch = 0, -1.0, 0
 
     def save(epoch: int, at_step: int, name: str = "last.pt") -> None:
-        rng = gather_rng_states()  # collective: each rank resumes its own streams
-        if ctx.is_main:
-            save_training_state(out / name, model=model, optimizer=optimizer, scheduler=scheduler, scaler=amp.scaler,
-                                epoch=epoch, step=at_step, best_metric=best, config=cfg.to_dict(), rng=rng)
-        dist.barrier()
+        save_training_state_collective(out / name, is_main=ctx.is_main, model=model, optimizer=optimizer,
+                                       scheduler=scheduler, scaler=amp.scaler, epoch=epoch, step=at_step,
+                                       best_metric=best, config=cfg.to_dict())
 
     resume_path = find_resume(out) if cfg.resume else None
     if resume_path is not None:
@@ -195,7 +194,7 @@ def main(cfg: TrainConfig) -> dict:
     result.update(best_valid=best, run_dir=str(out))
     logger.close()
     if ctx.is_main:
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     dist.cleanup()
     return result
 
