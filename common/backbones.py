@@ -170,9 +170,11 @@ def _from_mae(obj: Mapping, notes: list[str]) -> dict[str, torch.Tensor]:
 
 def _from_project(obj: Mapping, notes: list[str]) -> dict[str, torch.Tensor]:
     sd = _strip(_tensors(obj["model"], "model"), "module.")
-    if any(k.startswith("backbone.") for k in sd):  # an SSL wrapper: backbone + heads
-        notes.append(f"project checkpoint: kept backbone.*, dropped {_summary(k for k in sd if not k.startswith('backbone.'))}")
-        sd = _take(sd, "backbone.")
+    prefix = str(obj.get("backbone_prefix", "backbone."))
+    if any(k.startswith(prefix) for k in sd):  # an SSL wrapper: backbone + heads
+        notes.append(f"project checkpoint{' (' + str(obj['method']) + ')' if obj.get('method') else ''}: kept "
+                     f"{prefix}*, dropped {_summary(k for k in sd if not k.startswith(prefix))}")
+        sd = _take(sd, prefix)
     else:
         notes.append(f"project checkpoint (epoch {obj.get('epoch', '?')}, step {obj.get('step', '?')})")
     return _drop_head(sd, notes)
@@ -184,6 +186,8 @@ def detect_format(obj: Any) -> str:
         raise CheckpointError(f"expected a checkpoint dict, got {type(obj).__name__}")
     if isinstance(obj.get("teacher"), Mapping) or isinstance(obj.get("student"), Mapping):
         return "dino"
+    if isinstance(obj.get("model"), Mapping) and "backbone_prefix" in obj:
+        return "project"  # a pretrain/train.py run: method wrapper around backbone.*
     if isinstance(obj.get("model"), Mapping):
         keys = obj["model"].keys()
         if "mask_token" in keys or any(str(k).startswith(("decoder_", "module.decoder_")) for k in keys):

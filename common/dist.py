@@ -205,6 +205,36 @@ def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over processes and returns this
+    process's slice, so a loss computed on the gathered tensor back-propagates into every
+    process's inputs (SimCLR's negatives from other processes)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.n = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+        torch_dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        torch_dist.all_reduce(grad, op=torch_dist.ReduceOp.SUM)
+        start = get_rank() * ctx.n
+        return grad[start:start + ctx.n]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors from all processes along dim 0, differentiably.
+
+    With DDP averaging the parameter gradients, the gradient of ``mean_r loss_r`` equals the
+    single-process gradient of the loss on the whole global batch."""
+    if not is_initialized() or get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized():
         return obj

@@ -84,3 +84,148 @@ class EvalConfig(BaseConfig):
     output_dir: str = ""  # default: <checkpoint folder>/eval_<split>
     batch_size: int = 64
     num_workers: int = 2
+
+
+# ============================================================================= self-supervised pretraining
+IMAGENET = dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+# Recipe defaults per method (reference §7-8). ``lr`` is the base lr at ``base_batch_size``: the
+# peak lr is lr * global batch / base_batch_size. Fields left at None take these values.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "simclr": dict(arch="resnet50", batch_size=64, lr=0.3, base_batch_size=256, optimizer="lars", weight_decay=1e-6,
+                   warmup_epochs=4.0, min_lr=0.0, clip_norm=0.0, temperature=0.1, proj_hidden=2048, proj_dim=128,
+                   sync_bn=True, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]),
+    "moco": dict(arch="resnet50", batch_size=32, lr=0.03, base_batch_size=256, optimizer="sgd", weight_decay=1e-4,
+                 warmup_epochs=0.0, min_lr=0.0, clip_norm=0.0, temperature=0.2, proj_hidden=0, proj_dim=128,
+                 sync_bn=False, **IMAGENET),
+    "byol": dict(arch="resnet50", batch_size=64, lr=0.45, base_batch_size=512, optimizer="lars", weight_decay=1e-6,
+                 warmup_epochs=10.0, min_lr=1e-6, clip_norm=0.0, proj_hidden=4096, proj_dim=256, ema_start=0.99,
+                 sync_bn=True, temperature=0.0, **IMAGENET),
+    "dino": dict(arch="vit_small_patch16_224", batch_size=64, lr=5e-4, base_batch_size=256, optimizer="adamw",
+                 weight_decay=0.04, weight_decay_end=0.4, warmup_epochs=10.0, min_lr=1e-6, clip_norm=3.0,
+                 temperature=0.1, proj_hidden=2048, proj_dim=256, ema_start=0.996, sync_bn=False, **IMAGENET),
+    "mae": dict(arch="vit_large_patch16_224", batch_size=64, lr=1.5e-4, base_batch_size=256, optimizer="adamw",
+                weight_decay=0.05, warmup_epochs=4.0, min_lr=0.0, clip_norm=0.0, temperature=0.0, proj_hidden=0,
+                proj_dim=0, sync_bn=False, **IMAGENET),
+}
+# Small models on 64-px crops of the synthetic 96-px demo patches: minutes on 2 CPU cores.
+DEMO_DEFAULTS: dict[str, dict] = {
+    "simclr": dict(arch="resnet18", lr=1.0, batch_size=64, proj_hidden=512, warmup_epochs=1.0),
+    "moco": dict(arch="resnet18", lr=0.06, batch_size=64, queue_size=1024, moco_momentum=0.99, proj_hidden=512,
+                 temperature=0.2),
+    "byol": dict(arch="resnet18", lr=1.0, batch_size=64, proj_hidden=1024, proj_dim=128, warmup_epochs=1.0),
+    "dino": dict(arch="vit_small_patch8_224", vit_embed_dim=192, vit_depth=4, vit_num_heads=3, lr=5e-4,
+                 batch_size=32, dino_out_dim=1024, proj_hidden=512, proj_dim=128, warmup_epochs=1.0, n_local=4,
+                 local_size=32, drop_path=0.0, ema_start=0.99, norm_last_layer=True, freeze_last_layer=0),
+    "mae": dict(arch="vit_small_patch8_224", vit_embed_dim=192, vit_depth=4, vit_num_heads=3, lr=1.5e-3,
+                batch_size=64, decoder_dim=128, decoder_depth=2, decoder_heads=4, warmup_epochs=1.0),
+}
+
+
+def ssl_demo_root() -> str:
+    return str(default_cache_dir("pretrain_ssl_demo"))
+
+
+@dataclass
+class PretrainConfig(BaseConfig):
+    """Self-supervised pretraining on pathology patches: SimCLR, MoCo v2, BYOL, DINO or MAE."""
+
+    output_dir: str = ""  # default runs/pretrain_<method>
+    method: str = "simclr"  # simclr | moco | byol | dino | mae
+    # data: a pack root (<root>/{train,val}/index.json from pretrain/pack.py) or an image folder
+    data_root: str = "./datasets/PTCGA200"
+    layout: str = "ptcga200"  # image-folder layout when data_root is not packed: ptcga200 | pcam200 | folder
+    split_file: str = ""  # ptcga200: 3fold_dict_idx_filenames.pickle (default <data_root>/..)
+    fold: str = "0"
+    pack_dir: str = ""  # where an image folder is packed (default <output_dir>/packed)
+    shard_size: int = 10000
+    on_error: str = "skip"  # unreadable images while packing: skip (counted, listed) | error
+    # model
+    arch: str | None = None  # torchvision resnet* | timm vit_* (default: the method's recipe backbone)
+    vit_patch_size: int = 0  # 0: from the name; the others override width/depth for small variants
+    vit_embed_dim: int = 0
+    vit_depth: int = 0
+    vit_num_heads: int = 0
+    proj_hidden: int | None = None  # head widths (SimCLR 2048-128, BYOL 4096-256, DINO 2048-256 bottleneck)
+    proj_dim: int | None = None
+    temperature: float | None = None  # SimCLR 0.1, MoCo 0.2, DINO student 0.1
+    sync_bn: bool | None = None  # SyncBatchNorm across processes (CUDA only)
+    queue_size: int = 65536  # MoCo
+    moco_momentum: float = 0.999
+    shuffle_bn: bool = True
+    ema_start: float | None = None  # BYOL 0.99 / DINO 0.996, cosine to 1
+    organ_probe: bool = True  # BYOL: linear organ classifier on detached features (PatchTCGA)
+    dino_out_dim: int = 65536
+    norm_last_layer: bool = True
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    freeze_last_layer: int = 1  # epochs
+    drop_path: float = 0.1
+    weight_decay_end: float | None = None  # DINO: cosine 0.04 -> 0.4
+    mask_ratio: float = 0.75  # MAE
+    norm_pix_loss: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    # views
+    image_size: int = 224  # (global) crop size
+    local_size: int = 96  # DINO local crops
+    n_local: int = 8
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    eval_crop: int = 287  # k-NN features: centre crop before resizing to image_size (PatchTCGA eval)
+    # optimisation
+    epochs: int = 40
+    batch_size: int | None = None  # per process
+    accum: int = 1  # gradient accumulation: micro-batches per update
+    lr: float | None = None  # base lr at base_batch_size
+    base_batch_size: int | None = None
+    lr_scaling: str = "linear"  # linear: lr * B / base | floor: PatchTCGA's lr * (B // base) (0 below base: refused)
+    optimizer: str | None = None  # lars | sgd | adamw
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    min_lr: float | None = None
+    clip_norm: float | None = None  # 0: off; DINO clips each parameter's gradient norm to 3.0
+    max_steps: int = 0  # stop after this many updates (0: all epochs)
+    # monitoring
+    knn_every: int = 1  # epochs between k-NN evaluations (0: only before and after training)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_bank_size: int = 20000  # labelled train images used as the k-NN memory bank
+    knn_query_size: int = 5000  # held-out (val) images classified
+    log_every: int = 10
+    checkpoint_every: int = 0  # also save last.pt every N updates
+    channels_last: bool = True  # CUDA
+    seed: int = 0
+    num_workers: int = 4
+    demo: bool = False
+
+    @classmethod
+    def demo_preset(cls) -> dict:
+        return dict(data_root=ssl_demo_root(), image_size=64, eval_crop=0, epochs=4, num_workers=2,
+                    knn_bank_size=1200, knn_query_size=600, shard_size=500, log_every=5)
+
+    def validate(self) -> None:
+        if self.method not in METHOD_DEFAULTS:
+            raise ValueError(f"--method must be one of {', '.join(METHOD_DEFAULTS)}, got {self.method!r}")
+        defaults = dict(METHOD_DEFAULTS[self.method], **(DEMO_DEFAULTS[self.method] if self.demo else {}))
+        for key, value in defaults.items():
+            if getattr(self, key) is None or (self.demo and key in DEMO_DEFAULTS[self.method] and
+                                              getattr(self, key) == getattr(type(self)(), key)):
+                setattr(self, key, value)
+        if self.weight_decay_end is None:
+            self.weight_decay_end = self.weight_decay
+        self.output_dir = self.output_dir or f"runs/pretrain_{self.method}{'_demo' if self.demo else ''}"
+        if self.on_error not in ("skip", "error"):
+            raise ValueError(f"--on-error must be skip or error, got {self.on_error!r}")
+        if self.lr_scaling not in ("linear", "floor"):
+            raise ValueError(f"--lr-scaling must be linear or floor, got {self.lr_scaling!r}")
+        if self.optimizer not in ("lars", "sgd", "adamw"):
+            raise ValueError(f"--optimizer must be lars, sgd or adamw, got {self.optimizer!r}")
+        if self.batch_size < 1 or self.accum < 1 or self.epochs < 1:
+            raise ValueError("batch_size, accum and epochs must be positive")
+        if self.method in ("simclr", "moco", "byol") and self.batch_size < 2:
+            raise ValueError(f"{self.method} needs at least 2 images per process (BatchNorm, negatives)")
+        if self.method in ("dino", "mae") and not self.arch.startswith("vit_"):
+            raise ValueError(f"{self.method} needs a timm ViT backbone (vit_*), got {self.arch!r}")
