@@ -3,6 +3,7 @@ recipe (see ../shared/reference/pretrain-segpanda.md §1, §9); every field is a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common.config import BaseConfig, default_cache_dir
 
@@ -203,7 +204,8 @@ class PretrainConfig(BaseConfig):
 
     @classmethod
     def demo_preset(cls) -> dict:
-        return dict(data_root=ssl_demo_root(), image_size=64, eval_crop=0, epochs=4, num_workers=2,
+        return dict(data_root=str(Path(ssl_demo_root()) / "PTCGA200"), pack_dir=str(Path(ssl_demo_root()) / "packed"),
+                    image_size=64, eval_crop=0, epochs=4, num_workers=2,
                     knn_bank_size=1200, knn_query_size=600, shard_size=500, log_every=5)
 
     def validate(self) -> None:

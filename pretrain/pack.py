@@ -1,0 +1,504 @@
+"""Pack millions of small image files into a few HDF5 shards, read them lazily, sample by shard.
+
+    python pretrain/pack.py SRC --out DIR --layout ptcga200 --split train --split-file F \
+        --shard-size 10000 --on-error skip --workers 4
+
+Packing (:func:`pack_folder`) stores each image's original encoded bytes verbatim (no
+re-encoding, so a round trip is byte-exact) after checking that they decode. A pack is
+
+    DIR/shard-00000.h5, shard-00001.h5, ...   datasets ``images`` (vlen uint8, one encoded file
+                                              per item), ``labels`` (int64), ``names`` (utf-8,
+                                              path relative to SRC)
+    DIR/index.json                            {"format": "pathmono-shards-v1", "count", "shards",
+                                              "skipped", ...}; written last, so its presence
+                                              marks a complete pack
+
+Reading (:class:`ShardedImages`) keeps only metadata in the dataset object and opens the HDF5
+files lazily in each DataLoader worker; decoding happens in ``__getitem__`` (in the workers).
+
+Sampling (:class:`ShardAwareSampler`) deals whole shards to ranks each epoch, so every rank
+(and node) reads only its own files, and all ranks yield the same number of indices.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from common.augment import make_generator
+from common.checkpoint import atomic_write_text
+from common.dist import get_rank, get_world_size
+from common.logging import progress
+from pretrain.dataset import (ORGAN2ID, PCAM_CLASSES, _images_under, image_items, pcam_folder_items,
+                              ptcga_items)
+
+FORMAT = "pathmono-shards-v1"
+INDEX_NAME = "index.json"
+LAYOUTS = ("ptcga200", "pcam200", "folder")
+ON_ERROR = ("skip", "error")
+_WRITE_BATCH = 256  # images buffered in memory before they are appended to the open shard
+
+
+# ============================================================================= item lists
+def ptcga_all_items(root: str | Path) -> list[tuple[str, int]]:
+    """Every image of PTCGA200 ``root/<organ>/<image>`` (no split file): sorted organ folders,
+    then sorted names, as :func:`pretrain.dataset.ptcga_items` orders them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: PTCGA200 folder not found")
+    items = []
+    for organ in sorted(d.name for d in root.iterdir() if d.is_dir() and d.name != "thumbnail_position_map"):
+        if organ not in ORGAN2ID:
+            raise ValueError(f"{root / organ}: unknown organ folder (known: {sorted(ORGAN2ID)})")
+        items += [(str(p), ORGAN2ID[organ]) for p in _images_under(root / organ)]
+    if not items:
+        raise FileNotFoundError(f"{root}: no images in any organ folder")
+    return items
+
+
+def list_items(src: str | Path, layout: str, split: str = "train", split_file: str = "",
+               fold: str = "0") -> list[tuple[str, int]]:
+    """[(path, label)] of a source folder in one of :data:`LAYOUTS`, in a deterministic order."""
+    if layout == "ptcga200":
+        return ptcga_items(src, split, split_file, fold) if split_file else ptcga_all_items(src)
+    if layout == "pcam200":
+        return pcam_folder_items(src, split)
+    if layout == "folder":
+        return image_items(src)
+    raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+
+
+def label_names(layout: str) -> list[str]:
+    """Name of each label id; PTCGA200 ids that gather several folders join them with '/'."""
+    if layout == "ptcga200":
+        ids = sorted(set(ORGAN2ID.values()))
+        return ["/".join(sorted(o for o, i in ORGAN2ID.items() if i == k)) for k in ids]
+    if layout == "pcam200":
+        return list(PCAM_CLASSES)
+    return []
+
+
+# ============================================================================= decode check
+def decode_rgb(blob: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 (H, W, 3)."""
+    with Image.open(io.BytesIO(blob)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def read_checked(path: str) -> tuple[bytes | None, str]:
+    """(file bytes, "") if the file decodes, else (None, reason). Runs in pool workers, so it
+    never raises: the caller decides between skipping and failing."""
+    try:
+        with open(path, "rb") as fh:
+            blob = fh.read()
+        decode_rgb(blob)
+    except Exception as err:  # noqa: BLE001 - any failure to read or decode makes the file unusable
+        return None, f"{type(err).__name__}: {err}"
+    return blob, ""
+
+
+@contextlib.contextmanager
+def _checked_stream(paths: list[str], workers: int) -> Iterator[Iterator[tuple[bytes | None, str]]]:
+    """``read_checked`` over ``paths`` in order, in a process pool when ``workers > 0``."""
+    if workers <= 0:
+        yield map(read_checked, paths)
+        return
+    with multiprocessing.get_context().Pool(workers) as pool:
+        yield pool.imap(read_checked, paths, chunksize=32)  # imap keeps the input order
+
+
+# ============================================================================= writing
+class _ShardWriter:
+    """Appends (blob, label, name) to ``<final>.tmp`` in batches; ``commit`` renames it into place."""
+
+    def __init__(self, final: Path):
+        self.final, self.tmp = final, final.with_name(f".{final.name}.tmp")
+        self.count = 0
+        self._batch: list[tuple[bytes, int, str]] = []
+        self._file = h5py.File(self.tmp, "w")
+        self._file.attrs["format"] = FORMAT
+        self._images = self._file.create_dataset("images", (0,), maxshape=(None,), chunks=(1024,),
+                                                 dtype=h5py.vlen_dtype(np.uint8))
+        self._labels = self._file.create_dataset("labels", (0,), maxshape=(None,), chunks=(4096,), dtype=np.int64)
+        self._names = self._file.create_dataset("names", (0,), maxshape=(None,), chunks=(1024,),
+                                                dtype=h5py.string_dtype("utf-8"))
+
+    def add(self, blob: bytes, label: int, name: str) -> None:
+        self._batch.append((blob, label, name))
+        self.count += 1
+        if len(self._batch) >= _WRITE_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        start, stop = len(self._images), len(self._images) + len(self._batch)
+        blobs = np.empty(len(self._batch), dtype=object)  # filled one by one: equal lengths must not stack
+        for k, (blob, _, _) in enumerate(self._batch):
+            blobs[k] = np.frombuffer(blob, np.uint8)
+        for dset in (self._images, self._labels, self._names):
+            dset.resize((stop,))
+        self._images.write_direct(blobs, dest_sel=np.s_[start:stop])  # slice assignment would broadcast
+        self._labels[start:stop] = [label for _, label, _ in self._batch]
+        self._names[start:stop] = [name for _, _, name in self._batch]
+        self._batch = []
+
+    def commit(self) -> dict:
+        self._flush()
+        self._file.close()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.final)
+        return {"file": self.final.name, "count": self.count}
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+@dataclass
+class PackReport:
+    out_dir: Path
+    count: int
+    shards: list[dict] = field(default_factory=list)  # [{"file", "count"}]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # [(name relative to src, reason)]
+
+    @property
+    def skipped_count(self) -> int:
+        return len(self.skipped)
+
+    def summary(self) -> str:
+        lines = [f"packed {self.count} images into {len(self.shards)} shards in {self.out_dir} "
+                 f"(skipped {self.skipped_count} unreadable)"]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped[:20]]
+        if self.skipped_count > 20:
+            lines.append(f"  ... {self.skipped_count - 20} more in {self.out_dir / INDEX_NAME}")
+        return "\n".join(lines)
+
+
+def _shard_path(out: Path, k: int) -> Path:
+    return out / f"shard-{k:05d}.h5"
+
+
+def _write_shards(out: Path, src: Path, items, checked, shard_size: int, on_error: str):
+    """Stream checked images into shards of ``shard_size``; returns (shards, skipped)."""
+    shards, skipped, writer = [], [], None
+    try:
+        for (path, label), (blob, reason) in progress(zip(items, checked), desc="pack", total=len(items)):
+            name = Path(path).relative_to(src).as_posix()
+            if blob is None:
+                if on_error == "error":
+                    raise OSError(f"{path}: cannot decode image ({reason})")
+                skipped.append((name, reason))
+                continue
+            writer = writer or _ShardWriter(_shard_path(out, len(shards)))
+            writer.add(blob, label, name)
+            if writer.count == shard_size:
+                shards.append(writer.commit())
+                writer = None
+        if writer is not None:
+            shards.append(writer.commit())
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return shards, skipped
+
+
+def _remove_pack(out: Path) -> None:
+    """Delete a complete pack: index.json first (the pack is then incomplete), then its shards."""
+    try:
+        shards = read_index(out)["shards"]
+    except ValueError:  # unreadable index: its shards are unknown, they will be overwritten by name
+        shards = []
+    (out / INDEX_NAME).unlink()
+    for shard in shards:
+        with contextlib.suppress(FileNotFoundError):
+            (out / shard["file"]).unlink()
+
+
+def pack_folder(src: str | Path, out_dir: str | Path, *, layout: str = "ptcga200", split: str = "train",
+                split_file: str = "", fold: str = "0", shard_size: int = 10000, on_error: str = "skip",
+                workers: int = 0, overwrite: bool = False) -> PackReport:
+    """Pack the images of ``src`` into ``out_dir`` (see the module docstring for the format).
+
+    ``layout``: ptcga200 (``src/<organ>/<img>``, labels from ORGAN2ID, restricted to ``split`` of
+    ``split_file`` fold ``fold`` when a split file is given), pcam200 (``src/<split>/{normal,tumor}/
+    <case>/<img>``) or folder (every image below ``src``, label -1). ``on_error``: skip unreadable
+    images (recorded in index.json) or raise OSError. ``workers > 0`` decode-checks in a process
+    pool (same order). A complete pack in ``out_dir`` is only replaced with ``overwrite=True``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    src, out = Path(src), Path(out_dir)
+    if (out / INDEX_NAME).exists():
+        if not overwrite:
+            raise FileExistsError(f"{out}: already holds a complete pack ({INDEX_NAME}); "
+                                  "pass overwrite=True (--overwrite) to replace it")
+        _remove_pack(out)
+    items = list_items(src, layout, split, split_file, fold)
+    out.mkdir(parents=True, exist_ok=True)
+    with _checked_stream([p for p, _ in items], workers) as checked:
+        shards, skipped = _write_shards(out, src, items, checked, shard_size, on_error)
+    count = sum(s["count"] for s in shards)
+    if count == 0:
+        raise ValueError(f"{src}: none of the {len(items)} images could be decoded (first: {skipped[0]})")
+    names = label_names(layout)
+    index = {"format": FORMAT, "layout": layout, "source": str(src.resolve()), "split": split,
+             "split_file": str(split_file), "fold": str(fold), "count": count, "shards": shards,
+             "num_classes": len(names), "label_names": names,
+             "skipped": [{"name": n, "reason": r} for n, r in skipped], "skipped_count": len(skipped)}
+    atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    return PackReport(out, count, shards, skipped)
+
+
+# ============================================================================= reading
+def read_index(pack_dir: str | Path) -> dict:
+    """index.json of a complete pack, checked for format and fields."""
+    path = Path(pack_dir) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{pack_dir}: no {INDEX_NAME}: not a pack, or packing did not finish")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} index (format {index.get('format') if isinstance(index, dict) else None!r})")
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"file", "count"} <= s.keys() for s in shards):
+        raise ValueError(f"{path}: 'shards' must be a list of {{'file', 'count'}}")
+    if sum(s["count"] for s in shards) != index.get("count"):
+        raise ValueError(f"{path}: count {index.get('count')} != sum of shard counts {sum(s['count'] for s in shards)}")
+    return index
+
+
+def _shard_labels(path: Path, expected: int) -> np.ndarray:
+    """Check one shard file against the index and return its labels (int64 (n,))."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard listed in {INDEX_NAME} is missing")
+    try:
+        with h5py.File(path, "r", locking=False) as fh:
+            lengths = {key: len(fh[key]) for key in ("images", "labels", "names") if key in fh}
+            if len(lengths) < 3:
+                raise ValueError(f"{path}: shard lacks datasets {sorted({'images', 'labels', 'names'} - lengths.keys())}")
+            if set(lengths.values()) != {expected}:
+                raise ValueError(f"{path}: shard holds {lengths} items, {INDEX_NAME} says {expected}")
+            return fh["labels"][:].astype(np.int64)
+    except OSError as err:
+        raise OSError(f"{path}: cannot read shard ({err})") from err
+
+
+class ShardedImages(Dataset):
+    """A pack written by :func:`pack_folder` -> (uint8 (3, H, W), int label).
+
+    The object holds metadata only (offsets, labels) and pickles into DataLoader workers; each
+    process opens the shard files it touches on first access (one handle per shard per process,
+    reopened after a fork)."""
+
+    def __init__(self, pack_dir: str | Path):
+        self.pack_dir = Path(pack_dir)
+        self.index = read_index(self.pack_dir)
+        self.files = [self.pack_dir / s["file"] for s in self.index["shards"]]
+        per_shard = [_shard_labels(p, s["count"]) for p, s in zip(self.files, self.index["shards"])]
+        self.labels = np.concatenate(per_shard) if per_shard else np.zeros(0, np.int64)
+        self.offsets = [0] + np.cumsum([len(x) for x in per_shard]).tolist()  # (num_shards + 1,)
+        self._handles: dict[int, h5py.File] = {}
+        self._pid: int | None = None
+
+    # ------------------------------------------------------------------ metadata
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """Global index range [start, stop) of each shard."""
+        return list(zip(self.offsets[:-1], self.offsets[1:]))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = {}, None  # open files never travel to another process
+        return state
+
+    # ------------------------------------------------------------------ access
+    def _locate(self, i: int) -> tuple[int, int]:
+        """Global index -> (shard, index inside the shard)."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images in {self.pack_dir}")
+        i = int(i) % n
+        shard = bisect.bisect_right(self.offsets, i) - 1
+        return shard, i - self.offsets[shard]
+
+    def _file(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():  # first access in this process (or inherited through fork)
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = h5py.File(self.files[shard], "r", locking=False)
+        return self._handles[shard]
+
+    def raw_bytes(self, i: int) -> bytes:
+        """The original encoded file of item ``i``."""
+        shard, j = self._locate(i)
+        return self._file(shard)["images"][j].tobytes()
+
+    def name(self, i: int) -> str:
+        """Path of item ``i`` relative to the packed source folder."""
+        shard, j = self._locate(i)
+        return self._file(shard)["names"].asstr()[j]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        blob = self.raw_bytes(i)
+        try:
+            rgb = decode_rgb(blob)  # (H, W, 3)
+        except Exception as err:  # noqa: BLE001
+            shard, j = self._locate(i)
+            raise OSError(f"{self.files[shard]}: item {j} ({self.name(i)}) cannot be decoded ({err})") from err
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1), int(self.labels[i])
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fh in self._handles.values():
+                fh.close()
+        self._handles, self._pid = {}, None
+
+
+# ============================================================================= sampling
+def assign_shards(counts: list[int], order: list[int], num_replicas: int) -> list[list[int]]:
+    """Deal shards to ranks, balancing sample counts: largest first (ties in ``order``), each to
+    the rank with the fewest samples so far (lowest rank on ties). Returns sorted shard ids per rank."""
+    owned: list[list[int]] = [[] for _ in range(num_replicas)]
+    loads = [0] * num_replicas
+    for shard in sorted(order, key=lambda s: -counts[s]):  # stable: equal counts keep ``order``
+        rank = min(range(num_replicas), key=lambda r: (loads[r], r))
+        owned[rank].append(shard)
+        loads[rank] += counts[shard]
+    return [sorted(s) for s in owned]
+
+
+def _fit_length(indices: np.ndarray, n: int) -> np.ndarray:
+    """Truncate to ``n`` or repeat from the start (wrap around) up to ``n``."""
+    if len(indices) >= n or len(indices) == 0:
+        return indices[:n]
+    return np.resize(indices, n)
+
+
+class ShardAwareSampler(Sampler):
+    """Each epoch, every rank reads only its own whole shards (disjoint across ranks).
+
+    The shard order is permuted with a generator seeded ``seed + epoch`` (the same on every rank)
+    and shards are dealt greedily by count (:func:`assign_shards`); a rank's indices are shuffled
+    with ``make_generator(seed, epoch, rank)``. Every rank yields exactly ``num_samples`` =
+    ceil(total / num_replicas) indices (floor with ``drop_last``) so DDP steps stay in lockstep: a
+    rank short of it repeats its own indices, a rank whose shards hold more yields only the first
+    ``num_samples`` of its shuffled sequence (whole shards cannot be split without sharing files,
+    so up to about one shard per rank goes unseen in that epoch — a different random part each
+    epoch). With fewer non-empty shards than replicas it falls back to an index-level split like
+    DistributedSampler (with a warning). ``set_epoch(epoch, skip)`` resumes mid-epoch."""
+
+    def __init__(self, dataset: ShardedImages, num_replicas: int | None = None, rank: int | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        self.num_replicas = get_world_size() if num_replicas is None else int(num_replicas)
+        self.rank = get_rank() if rank is None else int(rank)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} not in [0, {self.num_replicas})")
+        self.ranges = list(dataset.shard_ranges)
+        self.total = len(dataset)
+        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
+        self.epoch, self.skip = 0, 0
+        self.num_samples = self.total // self.num_replicas if drop_last else math.ceil(self.total / self.num_replicas)
+        self.index_level = sum(stop > start for start, stop in self.ranges) < self.num_replicas
+        if self.index_level:
+            warnings.warn(f"{getattr(dataset, 'pack_dir', 'dataset')}: {len(self.ranges)} shards for "
+                          f"{self.num_replicas} replicas; splitting by index instead of by shard "
+                          "(ranks share files)", stacklevel=2)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch; skip the first ``skip`` indices of this rank's sequence (resume)."""
+        self.epoch, self.skip = int(epoch), int(skip)
+
+    def plan(self, epoch: int | None = None) -> list[list[int]] | None:
+        """Shard ids per rank in ``epoch`` (default: the current one); None in index-level mode."""
+        if self.index_level:
+            return None
+        epoch = self.epoch if epoch is None else epoch
+        order = list(range(len(self.ranges)))
+        if self.shuffle:
+            order = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return assign_shards([stop - start for start, stop in self.ranges], order, self.num_replicas)
+
+    def _shard_level_indices(self) -> np.ndarray:
+        own = self.plan()[self.rank]
+        indices = np.concatenate([np.arange(*self.ranges[s]) for s in own])
+        if self.shuffle:
+            perm = torch.randperm(len(indices), generator=make_generator(self.seed, self.epoch, self.rank))
+            indices = indices[perm.numpy()]
+        return _fit_length(indices, self.num_samples)
+
+    def _index_level_indices(self) -> np.ndarray:
+        if self.shuffle:
+            indices = torch.randperm(self.total, generator=torch.Generator().manual_seed(self.seed + self.epoch)).numpy()
+        else:
+            indices = np.arange(self.total)
+        indices = _fit_length(indices, self.num_samples * self.num_replicas)
+        return indices[self.rank::self.num_replicas]
+
+    def indices(self) -> list[int]:
+        """This rank's whole sequence for the current epoch (before ``skip``)."""
+        seq = self._index_level_indices() if self.index_level else self._shard_level_indices()
+        return seq.tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.skip:])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
+
+
+# ============================================================================= CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    parser.add_argument("src", help="source folder")
+    parser.add_argument("--out", required=True, help="output folder for shard-*.h5 and index.json")
+    parser.add_argument("--layout", choices=LAYOUTS, default="ptcga200")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--split-file", default="", help="PTCGA200 3-fold split pickle (default: all images)")
+    parser.add_argument("--fold", default="0")
+    parser.add_argument("--shard-size", type=int, default=10000)
+    parser.add_argument("--on-error", choices=ON_ERROR, default="skip")
+    parser.add_argument("--workers", type=int, default=0, help="decode-check processes (0: in this process)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a complete pack in --out")
+    args = parser.parse_args(argv)
+    try:
+        report = pack_folder(args.src, args.out, layout=args.layout, split=args.split, split_file=args.split_file,
+                             fold=args.fold, shard_size=args.shard_size, on_error=args.on_error,
+                             workers=args.workers, overwrite=args.overwrite)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
