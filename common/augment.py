@@ -190,3 +190,101 @@ def scale_intensity(x: torch.Tensor, in_min: float = 0.0, in_max: float = 255.0,
                     out_min: float = -1.0, out_max: float = 1.0) -> torch.Tensor:
     """Linear map [in_min, in_max] -> [out_min, out_max], no clipping (MONAI ScaleIntensityRange)."""
     return (x - in_min) / (in_max - in_min) * (out_max - out_min) + out_min
+
+
+# ----------------------------------------------------------------------------- resized crop
+def sample_resized_crop(n: int, h: int, w: int, scale, gen: torch.Generator, ratio=(3 / 4, 4 / 3),
+                        attempts: int = 10) -> torch.Tensor:
+    """(n, 4) float64 boxes x0, y0, x1, y1 (pixels, inclusive) drawn as torchvision
+    ``RandomResizedCrop.get_params`` on an (h, w) image.
+
+    Up to ``attempts`` (area fraction in ``scale``, log-uniform aspect ratio in ``ratio``) draws,
+    the first whose rounded size fits is kept and placed uniformly; when none fits, the centre crop
+    of the whole image clipped to ``ratio`` (torchvision's fallback). All attempts are drawn for
+    every sample at once (a different random stream from torchvision, the same distribution)."""
+    u_area = torch.rand(n, attempts, generator=gen, dtype=torch.float64)
+    u_ratio = torch.rand(n, attempts, generator=gen, dtype=torch.float64)
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u_area)  # (n, attempts)
+    log_lo, log_hi = float(np.log(ratio[0])), float(np.log(ratio[1]))
+    aspect = (log_lo + (log_hi - log_lo) * u_ratio).exp()
+    cw, ch = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # half to even, as Python round
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.to(torch.int64).argmax(1, keepdim=True)  # index of the first fitting attempt
+    found = fits.any(1)
+    fb_w, fb_h = _centre_fallback(h, w, ratio)
+    cw = torch.where(found, cw.gather(1, first)[:, 0], torch.tensor(float(fb_w), dtype=torch.float64))
+    ch = torch.where(found, ch.gather(1, first)[:, 0], torch.tensor(float(fb_h), dtype=torch.float64))
+    y0 = ((h - ch + 1) * torch.rand(n, generator=gen, dtype=torch.float64)).floor()
+    x0 = ((w - cw + 1) * torch.rand(n, generator=gen, dtype=torch.float64)).floor()
+    y0 = torch.where(found, y0, (h - ch) // 2)
+    x0 = torch.where(found, x0, (w - cw) // 2)
+    return torch.stack([x0, y0, x0 + cw - 1, y0 + ch - 1], 1)
+
+
+def _centre_fallback(h: int, w: int, ratio) -> tuple[int, int]:
+    """torchvision's (width, height) when no attempt fits: the whole image, cut to the ratio range."""
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        return w, int(round(w / min(ratio)))
+    if in_ratio > max(ratio):
+        return int(round(h * max(ratio))), h
+    return w, h
+
+
+def apply_resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Cut each sample of (B, C, H, W) to its box (x0, y0, x1, y1 inclusive, from
+    :func:`sample_resized_crop`) and resize it to (size, size) with antialiasing: torchvision
+    ``resized_crop(..., antialias=True)`` on float tensors. Integer input gives float32 output.
+    No clamping (bicubic may overshoot the input range)."""
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"apply_resized_crop: mode must be 'bilinear' or 'bicubic', got {mode!r}")
+    if boxes.shape != (x.shape[0], 4):
+        raise ValueError(f"apply_resized_crop: boxes {tuple(boxes.shape)} do not match the batch of {x.shape[0]}")
+    H, W = x.shape[-2:]
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=dtype, device=x.device)
+    for b, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+        if not (0 <= x0 <= x1 < W and 0 <= y0 <= y1 < H):
+            raise ValueError(f"apply_resized_crop: box {(x0, y0, x1, y1)} of sample {b} is outside the {W}x{H} image")
+        crop = x[b:b + 1, :, y0:y1 + 1, x0:x1 + 1].to(dtype)  # (1, C, h, w)
+        out[b] = F.interpolate(crop, size=(size, size), mode=mode, align_corners=False, antialias=True)[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- blur, grey, solarize
+def blur_kernel_size(max_sigma: float) -> int:
+    """Odd kernel covering +-3 sigma (PIL's GaussianBlur support is ~3 sigma too)."""
+    return 2 * int(np.ceil(3 * max_sigma)) + 1
+
+
+def apply_blur(x: torch.Tensor, flags: torch.Tensor, sigma: torch.Tensor, kernel_size: int | None = None,
+               border_type: str = "reflect") -> torch.Tensor:
+    """Gaussian blur with a per-sample sigma on the flagged samples of float (B, C, H, W).
+
+    ``kernel_size`` (odd taps) defaults to :func:`blur_kernel_size` of the largest flagged sigma;
+    SimCLR passes its fixed kernel with ``border_type="constant"`` (its Conv2d zero-pads)."""
+    idx = flags.nonzero().flatten()
+    if not idx.numel():
+        return x
+    s = sigma[idx].to(device=x.device, dtype=x.dtype)
+    k = kernel_size or blur_kernel_size(float(sigma[idx].max()))
+    out = x.clone()
+    dev_idx = idx.to(x.device)
+    out[dev_idx] = kornia.filters.gaussian_blur2d(x[dev_idx], (k, k), torch.stack([s, s], 1), border_type=border_type)
+    return out
+
+
+def apply_grayscale(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Flagged samples of RGB (B, 3, H, W) -> luma 0.299 R + 0.587 G + 0.114 B in all three channels
+    (PIL ``convert("L")``, which torchvision ``RandomGrayscale`` runs on PIL images; torchvision's
+    tensor path uses 0.2989 for R)."""
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+    return torch.where(flags.to(x.device).view(-1, 1, 1, 1), gray, x)
+
+
+def apply_solarize(x: torch.Tensor, flags: torch.Tensor, threshold: float = 128 / 255,
+                   bound: float = 1.0) -> torch.Tensor:
+    """PIL ``ImageOps.solarize`` on the flagged samples: values >= threshold become bound - value
+    (threshold 128/255 on [0, 1] images is PIL's default 128 on uint8)."""
+    hit = flags.to(x.device).view(-1, 1, 1, 1) & (x >= threshold)
+    return torch.where(hit, bound - x, x)

@@ -319,7 +319,7 @@ def import_backbone(source: str | os.PathLike | Mapping, arch: str | None = None
     if family == "resnet":
         _fill_bn_counters(sd, notes)
     inferred, kwargs = (_infer_vit if family == "vit" else _infer_resnet)(sd)
-    if arch is None:
+    if arch is None or arch == inferred:  # the shapes also give the non-standard widths
         arch = inferred
         kwargs = {**kwargs, **build_kwargs}
     else:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.augment import apply_color_jitter, apply_flip, sample_color_jitter, sample_flags
+from common.augment import apply_color_jitter, apply_flip, sample_color_jitter, sample_flags, sample_resized_crop
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 PCAM_CLASSES = ("normal", "tumor")  # label 0, 1
@@ -176,19 +176,6 @@ def eval_transform(x: torch.Tensor, size: int = 224, crop: int = 287, mean=None,
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return _normalise(x, mean or [0.485, 0.456, 0.406], std or [0.229, 0.224, 0.225])
-
-
-def sample_resized_crop(n: int, h: int, w: int, scale, gen: torch.Generator,
-                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """(n, 4) boxes x0, y0, x1, y1 (pixels, inclusive) as torchvision RandomResizedCrop: area
-    fraction in ``scale``, log-uniform aspect ratio, clamped to the image (no retry loop)."""
-    area = h * w * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=gen, dtype=torch.float64))
-    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(n, generator=gen, dtype=torch.float64)
-    cw = (area * logr.exp()).sqrt().round().clamp(1, w)
-    ch = (area / logr.exp()).sqrt().round().clamp(1, h)
-    x0 = ((w - cw + 1) * torch.rand(n, generator=gen, dtype=torch.float64)).floor()
-    y0 = ((h - ch + 1) * torch.rand(n, generator=gen, dtype=torch.float64)).floor()
-    return torch.stack([x0, y0, x0 + cw - 1, y0 + ch - 1], 1)
 
 
 def train_transform(x: torch.Tensor, gen: torch.Generator, cfg) -> torch.Tensor:

@@ -54,14 +54,22 @@ def packed_splits(cfg: PretrainConfig, ctx: dist.DistContext) -> dict[str, Path]
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data_root is neither a pack root (<root>/train/index.json) nor an image folder")
     pack_root = Path(cfg.pack_dir or Path(cfg.output_dir) / "packed")
-    splits = ("train", "val") if cfg.layout != "folder" else ("train",)
+    split_file = cfg.split_file or root.parent / "3fold_dict_idx_filenames.pickle"
+    if cfg.layout == "ptcga200" and not Path(split_file).is_file():
+        if cfg.split_file:
+            raise FileNotFoundError(f"{split_file}: split file not found")
+        dist.print0(f"note: no {split_file}; every image is used for training and the k-NN probe is off")
+        split_file, splits = "", ("train",)
+    else:
+        splits = ("train", "val") if cfg.layout != "folder" else ("train",)
     if ctx.is_main:
         for split in splits:
             if not (pack_root / split / "index.json").is_file():
                 report = pack_folder(root, pack_root / split, layout=cfg.layout, split=split,
-                                     split_file=cfg.split_file, fold=cfg.fold, shard_size=cfg.shard_size,
-                                     on_error=cfg.on_error, workers=cfg.num_workers)
-                print(f"packed {split}: {report}")
+                                     split_file=str(split_file) if cfg.layout == "ptcga200" else "",
+                                     fold=cfg.fold, shard_size=cfg.shard_size, on_error=cfg.on_error,
+                                     workers=cfg.num_workers)
+                print(report.summary())
     dist.barrier()
     return {s: pack_root / s for s in splits}
 
@@ -81,7 +89,8 @@ def build_loaders(cfg: PretrainConfig, ctx: dist.DistContext):
         dist.print0(f"note: {tuple(first.shape)} patches are upsampled to {cfg.image_size}-px crops")
     sampler = ShardAwareSampler(train_set, shuffle=True, seed=cfg.seed)
     common = dict(num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
-                  persistent_workers=cfg.num_workers > 0, worker_init_fn=dist.worker_init_fn)
+                  persistent_workers=cfg.num_workers > 0, worker_init_fn=dist.worker_init_fn,
+                  generator=torch.Generator().manual_seed(cfg.seed + ctx.rank))  # keeps the global RNG untouched
     train = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     knn = None
     if "val" in packs and (train_set.labels >= 0).all():
@@ -161,7 +170,7 @@ def main(cfg: PretrainConfig) -> dict:
         result = run_knn(method, knn, cfg, ctx, amp)
         state["knn"].append({"epoch": epoch, "step": state["step"], **result})
         logger.log(state["step"], {"top1": result["top1"]}, prefix="knn", epoch=epoch)
-        dist.print0(f"epoch {epoch}: k-NN top-1 {result['top1']:.4f} (k={result['k']})")
+        dist.print0(f"update {state['step']} (epoch {epoch}): k-NN top-1 {result['top1']:.4f} (k={result['k']})")
 
     resume_path = find_resume(out) if cfg.resume else None
     logger = MetricLogger(out)

@@ -17,14 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import kornia
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.augment import (apply_color_jitter, apply_crop, apply_flip, sample_color_jitter, sample_crop,
-                            sample_flags)
+from common.augment import (apply_blur, apply_color_jitter, apply_crop, apply_flip, sample_color_jitter,
+                            sample_crop, sample_flags)
 
 CLASS_NAMES = ("background", "stroma", "benign", "gleason3", "gleason4", "gleason5")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -186,24 +185,6 @@ def apply_geometry(x: torch.Tensor, params: AugmentParams, crop_size: int) -> to
     x = apply_crop(x, params.corners, (crop_size, crop_size))
     x = apply_flip(x, params.hflip, dims=(-1,))
     return apply_flip(x, params.vflip, dims=(-2,))
-
-
-def blur_kernel_size(max_sigma: float) -> int:
-    """Odd kernel covering +-3 sigma (PIL's GaussianBlur support is ~3 sigma too)."""
-    return 2 * int(np.ceil(3 * max_sigma)) + 1
-
-
-def apply_blur(x: torch.Tensor, flags: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Gaussian blur with a per-sample sigma on the flagged samples of float (B, C, H, W)."""
-    idx = flags.nonzero().flatten()
-    if not idx.numel():
-        return x
-    s = sigma[idx].to(device=x.device, dtype=x.dtype)
-    k = blur_kernel_size(float(sigma[idx].max()))
-    out = x.clone()
-    dev_idx = idx.to(x.device)
-    out[dev_idx] = kornia.filters.gaussian_blur2d(x[dev_idx], (k, k), torch.stack([s, s], 1), border_type="reflect")
-    return out
 
 
 def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""pretrain/train.py + export.py end to end on a tiny PTCGA200-layout set (32-px crops, tiny models)."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from common.backbones import build_backbone
+from common.checkpoint import load_file
+from common.config import parse_config
+from pretrain.config import PretrainConfig
+from pretrain.export import export_backbone
+from pretrain.model import build_classifier
+from pretrain.ssl_demo import make_ssl_demo
+from pretrain.train import main
+
+TINY_VIT = ["--arch", "vit_small_patch8_224", "--vit-embed-dim", "32", "--vit-depth", "1", "--vit-num-heads", "2"]
+TINY = {
+    "simclr": ["--arch", "resnet18", "--proj-hidden", "32", "--proj-dim", "16"],
+    "moco": ["--arch", "resnet18", "--proj-hidden", "32", "--proj-dim", "16", "--queue-size", "20"],
+    "byol": ["--arch", "resnet18", "--proj-hidden", "32", "--proj-dim", "16"],
+    "dino": TINY_VIT + ["--proj-hidden", "32", "--proj-dim", "16", "--dino-out-dim", "64", "--n-local", "2",
+                        "--local-size", "16", "--drop-path", "0.1", "--freeze-last-layer", "1"],
+    "mae": TINY_VIT + ["--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ssl")
+    make_ssl_demo(root, per_class=10, size=40, seed=0)
+    return root
+
+
+def _cfg(root, out, method, *extra):
+    return parse_config(PretrainConfig, [
+        "--method", method, "--data-root", str(root / "PTCGA200"), "--output-dir", str(out),
+        "--pack-dir", str(out.parent / f"packed_{out.name}"), "--image-size", "32", "--eval-crop", "0",
+        "--batch-size", "8", "--epochs", "2", "--num-workers", "0", "--device", "cpu", "--seed", "0",
+        "--shard-size", "16", "--knn-k", "5", "--log-every", "1", "--warmup-epochs", "0.5", *TINY[method], *extra])
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "dino", "mae"])
+def test_each_method_trains_logs_and_exports_a_strictly_loadable_backbone(demo_root, tmp_path, method):
+    out = tmp_path / "run"
+    result = main(_cfg(demo_root, out, method, "--max-steps", "3"))
+    assert result["steps"] == 3 and len(result["epoch_loss"]) == 1
+    assert all(torch.isfinite(torch.tensor(result["epoch_loss"])))
+    knn = result["knn"]
+    assert [k["step"] for k in knn] == [0, 3]  # random-init baseline, then the trained backbone
+    assert all(0.0 <= k["top1"] <= 1.0 and k["n_test"] > 0 for k in knn)
+    assert json.loads((out / "result.json").read_text())["steps"] == 3
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "train/loss" in r] == [1, 2, 3]
+    assert any("tensorboard" in p.name for p in out.iterdir())
+
+    info = export_backbone(out, tmp_path / "backbone.pt")
+    state = load_file(tmp_path / "backbone.pt")
+    trained = load_file(out / "last.pt")["model"]
+    assert set(state) == {k[len("backbone."):] for k in trained if k.startswith("backbone.")}
+    assert all(torch.equal(state[k], trained["backbone." + k]) for k in state)
+    reference = build_backbone(info["arch"], **info["build_kwargs"])
+    reference.load_state_dict(state, strict=True)  # plain torchvision / timm keys, nothing missing or extra
+    model, imported = build_classifier(info["arch"], 20, backbone=str(tmp_path / "backbone.pt"),
+                                       **info["build_kwargs"])
+    assert imported.format in ("torchvision", "timm")
+    key = "conv1.weight" if "resnet" in info["arch"] else "patch_embed.proj.weight"
+    assert torch.equal(model.state_dict()[key], trained["backbone." + key])
+
+
+@pytest.mark.parametrize("method", ["moco", "dino"])
+def test_resume_mid_epoch_equals_the_uninterrupted_run(demo_root, tmp_path, method):
+    """MoCo: the queue and key encoder; DINO: teacher, centre, drop-path RNG, frozen last layer."""
+    main(_cfg(demo_root, tmp_path / "a", method, "--knn-every", "0"))
+    main(_cfg(demo_root, tmp_path / "b", method, "--knn-every", "0", "--max-steps", "3"))  # stops mid-epoch 1
+    assert load_file(tmp_path / "b" / "last.pt")["step"] == 3
+    main(_cfg(demo_root, tmp_path / "b", method, "--knn-every", "0"))
+    a, b = load_file(tmp_path / "a" / "last.pt"), load_file(tmp_path / "b" / "last.pt")
+    assert a["step"] == b["step"] > 3
+    assert a["model"].keys() == b["model"].keys()
+    differing = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differing, differing[:5]
+    buffer = "queue" if method == "moco" else "loss.center"
+    assert a["model"][buffer].abs().sum() > 0
+
+
+def test_floor_lr_rule_refuses_a_batch_that_gives_lr_zero(demo_root, tmp_path):
+    cfg = _cfg(demo_root, tmp_path / "run", "simclr", "--lr-scaling", "floor", "--base-batch-size", "512")
+    with pytest.raises(ValueError, match="global batch 8 .* below base_batch_size 512"):
+        main(cfg)
+
+
+def test_config_refuses_a_resnet_for_mae_and_a_single_image_batch():
+    with pytest.raises(ValueError, match="timm ViT"):
+        parse_config(PretrainConfig, ["--method", "mae", "--arch", "resnet50"])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        parse_config(PretrainConfig, ["--method", "simclr", "--batch-size", "1"])
+
+
+def _copy_demo(demo_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root / "PTCGA200", root / "PTCGA200")
+    shutil.copy(demo_root / "3fold_dict_idx_filenames.pickle", root)
+    return root
+
+
+def test_unknown_organ_folder_and_split_naming_absent_images_fail_before_training(demo_root, tmp_path):
+    root = _copy_demo(demo_root, tmp_path)
+    (root / "PTCGA200" / "pancreaz").mkdir()
+    shutil.copy(next((root / "PTCGA200" / "liver").iterdir()), root / "PTCGA200" / "pancreaz" / "x.png")
+    with pytest.raises(ValueError, match="pancreaz"):
+        main(_cfg(root, tmp_path / "run", "simclr"))
+    shutil.rmtree(root / "PTCGA200" / "pancreaz")
+    split_path = root / "3fold_dict_idx_filenames.pickle"
+    with open(split_path, "rb") as fh:
+        split = pickle.load(fh)
+    split["0"]["train"]["imgs"].append("liver_9999.png")
+    split_path.write_bytes(pickle.dumps(split))
+    with pytest.raises(ValueError, match="not found"):
+        main(_cfg(root, tmp_path / "run2", "simclr"))
+
+
+def test_unreadable_image_is_skipped_and_counted_or_an_error_by_switch(demo_root, tmp_path):
+    root = _copy_demo(demo_root, tmp_path)
+    victim = sorted((root / "PTCGA200" / "colon").iterdir())[0]  # a train image (70 % split, first ones)
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(OSError, match=victim.name):
+        main(_cfg(root, tmp_path / "strict", "simclr", "--on-error", "error", "--max-steps", "1"))
+    main(_cfg(root, tmp_path / "lenient", "simclr", "--on-error", "skip", "--max-steps", "1"))
+    index = json.loads((tmp_path / "packed_lenient" / "train" / "index.json").read_text())
+    assert index["skipped_count"] == 1 and victim.name in json.dumps(index["skipped"])
