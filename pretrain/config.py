@@ -175,6 +175,7 @@ class PretrainConfig(BaseConfig):
     n_local: int = 8
     mean: list[float] | None = None
     std: list[float] | None = None
+    blur_scale: float = 1.0  # multiplies the recipes' blur sigmas (0.1-2 px are meant for 224-px crops)
     eval_crop: int = 287  # k-NN features: centre crop before resizing to image_size (PatchTCGA eval)
     # optimisation
     epochs: int = 40
@@ -205,7 +206,7 @@ class PretrainConfig(BaseConfig):
     @classmethod
     def demo_preset(cls) -> dict:
         return dict(data_root=str(Path(ssl_demo_root()) / "PTCGA200"), pack_dir=str(Path(ssl_demo_root()) / "packed"),
-                    image_size=64, eval_crop=0, epochs=4, num_workers=2,
+                    image_size=64, blur_scale=0.3, eval_crop=0, epochs=4, num_workers=2,
                     knn_bank_size=1200, knn_query_size=600, shard_size=500, log_every=5)
 
     def validate(self) -> None:

@@ -62,12 +62,35 @@ class _NoObjectsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"split file may only hold plain containers, found {module}.{name}")
 
 
+def _check_plain(obj, path, where: str = "root") -> None:
+    """The split file may hold only dicts (string keys), lists, strings and ints."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise pickle.UnpicklingError(f"{path}: non-string key {k!r} at {where}")
+            _check_plain(v, path, f"{where}[{k!r}]")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_plain(v, path, f"{where}[{i}]")
+    elif not isinstance(obj, (str, int)) or isinstance(obj, bool):
+        raise pickle.UnpicklingError(f"{path}: {type(obj).__name__} at {where}; the split file may only hold "
+                                     "dicts, lists, strings and ints")
+
+
+def load_split_file(path) -> dict:
+    """The released ``3fold_dict_idx_filenames.pickle`` through a restricted unpickler: no class
+    is ever imported (so no code can run) and the result must be plain dicts/lists/str/int."""
+    with open(path, "rb") as fh:
+        splits = _NoObjectsUnpickler(fh).load()
+    _check_plain(splits, path)
+    return splits
+
+
 def ptcga_items(root: str | Path, split: str, split_file: str | Path, fold: str = "0") -> list[tuple[str, int]]:
     """PTCGA200 ``root/<organ>/<image>`` restricted to a split of the released 3-fold pickle,
     matched on image basenames (not on indices)."""
     root = Path(root)
-    with open(split_file, "rb") as fh:
-        splits = _NoObjectsUnpickler(fh).load()
+    splits = load_split_file(split_file)
     try:
         names = set(splits[str(fold)][split]["imgs"])
     except (KeyError, TypeError) as err:

@@ -77,6 +77,10 @@ class SSLMethod(nn.Module):
     def after_backward(self, epoch: int) -> None:
         """Called between backward and the optimizer step (e.g. DINO freezes its last layer)."""
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image features for the k-NN probe: the exported backbone's output."""
+        return self.backbone(x)
+
 
 # ============================================================================= SimCLR
 class SimCLR(SSLMethod):
@@ -386,6 +390,11 @@ class MAE(SSLMethod):
         x = torch.cat([x[:, :1], tokens], 1) + self.decoder_pos_embed
         x = self.decoder_norm(self.decoder_blocks(x))
         return self.decoder_pred(x)[:, 1:]  # (N, L, p*p*3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of the encoder's patch tokens: MAE is trained without a class-token objective, and
+        its fine-tuning recipe pools globally too (the class token probes poorly)."""
+        return self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens:].mean(1)
 
     def forward(self, views, labels=None, epoch: int = 0, gen=None):
         images = views[0]

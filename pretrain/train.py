@@ -123,17 +123,26 @@ def wrap_model(method: torch.nn.Module, cfg: PretrainConfig, ctx: dist.DistConte
     return method, ddp
 
 
+class FeatureExtractor(torch.nn.Module):
+    """The method's k-NN features as a module (eval mode switches the whole method)."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, x):
+        return self.method.features(x)
+
+
 @torch.no_grad()
 def run_knn(method, knn, cfg: PretrainConfig, ctx: dist.DistContext, amp: MixedPrecision) -> dict:
     def transform(x):
         return eval_transform(x, cfg.image_size, cfg.eval_crop, cfg.mean, cfg.std)
 
-    backbone = method.backbone
-    was_training = backbone.training
+    features = FeatureExtractor(method)
     with amp.autocast():
-        bank_x, bank_y = extract_features(backbone, knn["bank"], ctx.device, transform)
-        query_x, query_y = extract_features(backbone, knn["query"], ctx.device, transform)
-    backbone.train(was_training)
+        bank_x, bank_y = extract_features(features, knn["bank"], ctx.device, transform)
+        query_x, query_y = extract_features(features, knn["query"], ctx.device, transform)
     num_classes = int(max(bank_y.max(), query_y.max())) + 1
     return knn_accuracy(bank_x, bank_y, query_x, query_y, num_classes, k=cfg.knn_k, temperature=cfg.knn_temperature)
 

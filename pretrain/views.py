@@ -14,7 +14,7 @@ resized crop is clamped to [0, 1] after resampling, as PIL's uint8 output is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -149,8 +149,13 @@ def method_specs(method: str, cfg) -> list[ViewSpec]:
 
 
 def make_views(method: str, x: torch.Tensor, gen: torch.Generator, cfg) -> list[torch.Tensor]:
-    """uint8 (B, 3, H, W) on the device -> the method's list of float views (B, 3, s, s)."""
-    return render_views(x, method_specs(method, cfg), gen)
+    """uint8 (B, 3, H, W) on the device -> the method's list of float views (B, 3, s, s).
+    ``cfg.blur_scale`` (default 1) multiplies the blur sigmas, for crops much smaller than 224."""
+    specs = method_specs(method, cfg)
+    scale = getattr(cfg, "blur_scale", None) or 1.0
+    if scale != 1.0:
+        specs = [replace(s, blur_sigma=(s.blur_sigma[0] * scale, s.blur_sigma[1] * scale)) for s in specs]
+    return render_views(x, specs, gen)
 
 
 # ============================================================================= rendering

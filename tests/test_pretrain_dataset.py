@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from common.augment import make_generator
-from pretrain.dataset import (PatchDataset, PCamH5, build_dataset, eval_transform, image_items, pcam_folder_items,
+from pretrain.dataset import (PatchDataset, PCamH5, build_dataset, eval_transform, image_items, load_split_file, pcam_folder_items,
                               ptcga_items, sample_resized_crop, train_transform)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -124,3 +124,31 @@ def test_demo_generators_write_the_real_layouts(tmp_path):
     organ = make_organ_like(tmp_path / "PTCGA200", per_organ=10)
     train = ptcga_items(organ, "train", tmp_path / "3fold_dict_idx_filenames.pickle")
     assert len(train) == 28 and {y for _, y in train} == {1, 10, 15, 19}
+
+
+class _Payload:
+    """Unpickling this runs os.system: the classic crafted pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_split_file_unpickler_refuses_code_and_non_plain_values(tmp_path):
+    marker = tmp_path / "pwned"
+    split_file = tmp_path / "3fold_dict_idx_filenames.pickle"
+    split_file.write_bytes(pickle.dumps({"0": {"train": {"idx": [0], "imgs": [_Payload(marker)]}}}))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system|nt.system"):
+        load_split_file(split_file)
+    assert not marker.exists()  # nothing ran
+    for bad, where in (({"0": {"train": {"imgs": ["a.png", 1.5]}}}, "float"), ({"0": ("a",)}, "tuple"),
+                       ({1: []}, "non-string key")):
+        split_file.write_bytes(pickle.dumps(bad))
+        with pytest.raises(pickle.UnpicklingError, match=where):
+            load_split_file(split_file)
+    good = {"0": {"train": {"idx": [0, 1], "imgs": ["a.png", "b.png"]}}}
+    split_file.write_bytes(pickle.dumps(good))
+    assert load_split_file(split_file) == good
