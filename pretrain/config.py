@@ -230,5 +230,5 @@ class PretrainConfig(BaseConfig):
             raise ValueError("batch_size, accum and epochs must be positive")
         if self.method in ("simclr", "moco", "byol") and self.batch_size < 2:
             raise ValueError(f"{self.method} needs at least 2 images per process (BatchNorm, negatives)")
-        if self.method in ("dino", "mae") and not self.arch.startswith("vit_"):
+        if self.method == "mae" and not self.arch.startswith("vit_"):
             raise ValueError(f"{self.method} needs a timm ViT backbone (vit_*), got {self.arch!r}")

@@ -2,13 +2,18 @@
 
     python pretrain/pack.py SRC --out DIR --layout ptcga200 --split train --split-file F \
         --shard-size 10000 --on-error skip --workers 4
+    python pretrain/pack.py datasets/pcam --out packed/pcam/val --layout pcam_h5 --split val
 
 Packing (:func:`pack_folder`) stores each image's original encoded bytes verbatim (no
-re-encoding, so a round trip is byte-exact) after checking that they decode. A pack is
+re-encoding, so a round trip is byte-exact) after checking that they decode. The original PCam
+HDF5 files (layout ``pcam_h5``: ``SRC/{split}_x.h5`` uint8 arrays, ``SRC/{split}_y.h5`` labels)
+hold no encoded files, so each patch is encoded as lossless PNG (a round trip is pixel-exact);
+x is streamed in chunks, never loaded whole. A pack is
 
     DIR/shard-00000.h5, shard-00001.h5, ...   datasets ``images`` (vlen uint8, one encoded file
                                               per item), ``labels`` (int64), ``names`` (utf-8,
-                                              path relative to SRC)
+                                              path relative to SRC, or ``valid_x.h5:<row>``
+                                              for pcam_h5)
     DIR/index.json                            {"format": "pathmono-shards-v1", "count", "shards",
                                               "skipped", ...}; written last, so its presence
                                               marks a complete pack
@@ -31,6 +36,7 @@ import multiprocessing
 import os
 import sys
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -45,14 +51,16 @@ from common.augment import make_generator
 from common.checkpoint import atomic_write_text
 from common.dist import get_rank, get_world_size
 from common.logging import progress
-from pretrain.dataset import (ORGAN2ID, PCAM_CLASSES, _images_under, image_items, pcam_folder_items,
-                              ptcga_items)
+from pretrain.dataset import (ORGAN2ID, PCAM_CLASSES, PCAM_H5_SPLITS, PCamH5, _images_under, image_items,
+                              pcam_folder_items, ptcga_items)
 
 FORMAT = "pathmono-shards-v1"
 INDEX_NAME = "index.json"
-LAYOUTS = ("ptcga200", "pcam200", "folder")
+LAYOUTS = ("ptcga200", "pcam200", "folder", "pcam_h5")
 ON_ERROR = ("skip", "error")
 _WRITE_BATCH = 256  # images buffered in memory before they are appended to the open shard
+_PCAM_H5_CHUNK = 512  # PCam patches read from x.h5 (and PNG-encoded as one task) at a time: 14 MB
+_PNG_LEVEL = 1  # zlib level: lossless at any level; 1 is ~25 % faster than PIL's 6, same size on PCam
 
 
 # ============================================================================= item lists
@@ -74,13 +82,16 @@ def ptcga_all_items(root: str | Path) -> list[tuple[str, int]]:
 
 def list_items(src: str | Path, layout: str, split: str = "train", split_file: str = "",
                fold: str = "0") -> list[tuple[str, int]]:
-    """[(path, label)] of a source folder in one of :data:`LAYOUTS`, in a deterministic order."""
+    """[(path, label)] of a source folder in one of the file :data:`LAYOUTS`, in a deterministic order
+    (``pcam_h5`` holds arrays, not files: see :func:`pcam_h5_source`)."""
     if layout == "ptcga200":
         return ptcga_items(src, split, split_file, fold) if split_file else ptcga_all_items(src)
     if layout == "pcam200":
         return pcam_folder_items(src, split)
     if layout == "folder":
         return image_items(src)
+    if layout == "pcam_h5":
+        raise ValueError(f"{src}: layout 'pcam_h5' holds arrays, not image files; use pcam_h5_source()")
     raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
 
 
@@ -89,9 +100,54 @@ def label_names(layout: str) -> list[str]:
     if layout == "ptcga200":
         ids = sorted(set(ORGAN2ID.values()))
         return ["/".join(sorted(o for o, i in ORGAN2ID.items() if i == k)) for k in ids]
-    if layout == "pcam200":
+    if layout in ("pcam200", "pcam_h5"):
         return list(PCAM_CLASSES)
     return []
+
+
+@dataclass
+class PCamH5Source:
+    """The checked pair of original PCam files of one split."""
+    x_path: Path
+    y_path: Path
+    labels: np.ndarray  # int64 (N,), each 0 (normal) or 1 (tumor)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _check_pcam_x(path: Path) -> None:
+    with h5py.File(path, "r") as fh:
+        x = fh["x"]
+        if x.ndim != 4 or x.shape[3] != 3 or x.dtype != np.uint8:
+            raise ValueError(f"{path}: dataset 'x' must be N x H x W x 3 uint8, got {x.shape} {x.dtype}")
+        if len(x) == 0:
+            raise ValueError(f"{path}: dataset 'x' holds no patches")
+
+
+def _read_pcam_labels(path: Path) -> np.ndarray:
+    """y (N x 1 x 1 x 1, label at ``y[i][0][0][0]``) -> int64 (N,), checked to be 0 or 1."""
+    with h5py.File(path, "r") as fh:
+        y = fh["y"][:]
+    if y.ndim == 0 or y.size == 0 or y.size % len(y):
+        raise ValueError(f"{path}: dataset 'y' must be N x 1 x 1 x 1, got shape {y.shape}")
+    labels = y.reshape(len(y), -1)[:, 0].astype(np.int64)  # (N,)
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if len(bad):
+        raise ValueError(f"{path}: {len(bad)} labels are not 0/1 (first: row {bad[0]} = {labels[bad[0]]})")
+    return labels
+
+
+def pcam_h5_source(src: str | Path, split: str) -> PCamH5Source:
+    """Check ``src/{split}_x.h5`` and ``src/{split}_y.h5`` (split ``val`` reads ``valid_*``) and read
+    the labels; missing files or datasets, bad shapes and count mismatches raise naming the file."""
+    name = PCAM_H5_SPLITS.get(split, split)
+    for path in (Path(src) / f"{name}_x.h5", Path(src) / f"{name}_y.h5"):
+        if path.is_file() and not h5py.is_hdf5(path):  # h5py's own error would not name the file
+            raise OSError(f"{path}: not an HDF5 file")
+    reference = PCamH5(src, split)  # checks that both files and datasets exist and their lengths agree
+    _check_pcam_x(reference.x_path)
+    return PCamH5Source(reference.x_path, reference.y_path, _read_pcam_labels(reference.y_path))
 
 
 # ============================================================================= decode check
@@ -121,6 +177,67 @@ def _checked_stream(paths: list[str], workers: int) -> Iterator[Iterator[tuple[b
         return
     with multiprocessing.get_context().Pool(workers) as pool:
         yield pool.imap(read_checked, paths, chunksize=32)  # imap keeps the input order
+
+
+@contextlib.contextmanager
+def _file_records(src: Path, items: list[tuple[str, int]], workers: int):
+    """(name relative to ``src``, label, bytes or None, reason) per item of a file layout."""
+    with _checked_stream([p for p, _ in items], workers) as checked:
+        yield ((Path(path).relative_to(src).as_posix(), label, blob, reason)
+               for (path, label), (blob, reason) in zip(items, checked))
+
+
+# ============================================================================= PCam arrays -> PNG
+def encode_png_chunk(patches: np.ndarray) -> list[bytes]:
+    """uint8 (n, H, W, 3) -> n lossless PNG files."""
+    blobs = []
+    for patch in patches:
+        buffer = io.BytesIO()
+        Image.fromarray(patch).save(buffer, format="PNG", compress_level=_PNG_LEVEL)
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+def _ordered_bounded_map(pool, fn, args, ahead: int) -> Iterator:
+    """``fn`` over ``args`` in ``pool``, in order, with at most ``ahead`` tasks in flight: unlike
+    ``Pool.imap``, which reads its whole input at once (here: all of x.h5 into memory)."""
+    pending: deque = deque()
+    for arg in args:
+        pending.append(pool.apply_async(fn, (arg,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _pcam_chunks(x: h5py.Dataset, x_path: Path) -> Iterator[np.ndarray]:
+    """Consecutive uint8 (<= _PCAM_H5_CHUNK, H, W, 3) slices of ``x``."""
+    for start in range(0, len(x), _PCAM_H5_CHUNK):
+        try:
+            chunk = x[start:start + _PCAM_H5_CHUNK]
+        except OSError as err:  # h5py does not name the file
+            raise OSError(f"{x_path}: cannot read patches from row {start} ({err})") from err
+        yield chunk
+
+
+@contextlib.contextmanager
+def _pcam_h5_records(source: PCamH5Source, workers: int):
+    """(``"{split}_x.h5:{row}"``, label, PNG bytes, "") per patch, streamed chunk by chunk; PNG
+    encoding runs in a pool of ``workers`` processes (at most 2 chunks per worker ahead) if > 0."""
+    def records(encoded_chunks):
+        row = 0
+        for blobs in encoded_chunks:
+            for blob in blobs:
+                yield f"{source.x_path.name}:{row}", int(source.labels[row]), blob, ""
+                row += 1
+
+    with h5py.File(source.x_path, "r") as fh:
+        chunks = _pcam_chunks(fh["x"], source.x_path)
+        if workers <= 0:
+            yield records(map(encode_png_chunk, chunks))
+            return
+        with multiprocessing.get_context().Pool(workers) as pool:
+            yield records(_ordered_bounded_map(pool, encode_png_chunk, chunks, ahead=2 * workers))
 
 
 # ============================================================================= writing
@@ -198,15 +315,15 @@ def _shard_path(out: Path, k: int) -> Path:
     return out / f"shard-{k:05d}.h5"
 
 
-def _write_shards(out: Path, src: Path, items, checked, shard_size: int, on_error: str):
-    """Stream checked images into shards of ``shard_size``; returns (shards, skipped)."""
+def _write_shards(out: Path, src: Path, records, total: int, shard_size: int, on_error: str):
+    """Stream (name, label, bytes or None, reason) records into shards of ``shard_size``;
+    returns (shards, skipped)."""
     shards, skipped, writer = [], [], None
     try:
-        for (path, label), (blob, reason) in progress(zip(items, checked), desc="pack", total=len(items)):
-            name = Path(path).relative_to(src).as_posix()
+        for name, label, blob, reason in progress(records, desc="pack", total=total):
             if blob is None:
                 if on_error == "error":
-                    raise OSError(f"{path}: cannot decode image ({reason})")
+                    raise OSError(f"{src / name}: cannot decode image ({reason})")
                 skipped.append((name, reason))
                 continue
             writer = writer or _ShardWriter(_shard_path(out, len(shards)))
@@ -242,9 +359,11 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, layout: str = "ptcga200
 
     ``layout``: ptcga200 (``src/<organ>/<img>``, labels from ORGAN2ID, restricted to ``split`` of
     ``split_file`` fold ``fold`` when a split file is given), pcam200 (``src/<split>/{normal,tumor}/
-    <case>/<img>``) or folder (every image below ``src``, label -1). ``on_error``: skip unreadable
-    images (recorded in index.json) or raise OSError. ``workers > 0`` decode-checks in a process
-    pool (same order). A complete pack in ``out_dir`` is only replaced with ``overwrite=True``."""
+    <case>/<img>``), folder (every image below ``src``, label -1) or pcam_h5 (``src/{split}_x.h5``
+    and ``_y.h5``, split val -> valid; each patch stored as lossless PNG). ``on_error``: skip
+    unreadable images (recorded in index.json) or raise OSError (pcam_h5 arrays always decode).
+    ``workers > 0`` decode-checks (pcam_h5: PNG-encodes) in a process pool (same order). A complete
+    pack in ``out_dir`` is only replaced with ``overwrite=True``."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
     if on_error not in ON_ERROR:
@@ -252,18 +371,23 @@ def pack_folder(src: str | Path, out_dir: str | Path, *, layout: str = "ptcga200
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     src, out = Path(src), Path(out_dir)
-    if (out / INDEX_NAME).exists():
-        if not overwrite:
-            raise FileExistsError(f"{out}: already holds a complete pack ({INDEX_NAME}); "
-                                  "pass overwrite=True (--overwrite) to replace it")
+    if (out / INDEX_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{out}: already holds a complete pack ({INDEX_NAME}); "
+                              "pass overwrite=True (--overwrite) to replace it")
+    if layout == "pcam_h5":
+        source = pcam_h5_source(src, split)
+        total, records = len(source), _pcam_h5_records(source, workers)
+    else:
+        items = list_items(src, layout, split, split_file, fold)
+        total, records = len(items), _file_records(src, items, workers)
+    if (out / INDEX_NAME).exists():  # the source checked out: only now replace the old pack
         _remove_pack(out)
-    items = list_items(src, layout, split, split_file, fold)
     out.mkdir(parents=True, exist_ok=True)
-    with _checked_stream([p for p, _ in items], workers) as checked:
-        shards, skipped = _write_shards(out, src, items, checked, shard_size, on_error)
+    with records as stream:
+        shards, skipped = _write_shards(out, src, stream, total, shard_size, on_error)
     count = sum(s["count"] for s in shards)
     if count == 0:
-        raise ValueError(f"{src}: none of the {len(items)} images could be decoded (first: {skipped[0]})")
+        raise ValueError(f"{src}: none of the {total} images could be decoded (first: {skipped[:1]})")
     names = label_names(layout)
     index = {"format": FORMAT, "layout": layout, "source": str(src.resolve()), "split": split,
              "split_file": str(split_file), "fold": str(fold), "count": count, "shards": shards,
@@ -358,12 +482,12 @@ class ShardedImages(Dataset):
         return self._handles[shard]
 
     def raw_bytes(self, i: int) -> bytes:
-        """The original encoded file of item ``i``."""
+        """The encoded file of item ``i`` as packed (the original file; PNG for pcam_h5)."""
         shard, j = self._locate(i)
         return self._file(shard)["images"][j].tobytes()
 
     def name(self, i: int) -> str:
-        """Path of item ``i`` relative to the packed source folder."""
+        """Path of item ``i`` relative to the packed source folder (pcam_h5: ``"{split}_x.h5:{row}"``)."""
         shard, j = self._locate(i)
         return self._file(shard)["names"].asstr()[j]
 
@@ -485,8 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-file", default="", help="PTCGA200 3-fold split pickle (default: all images)")
     parser.add_argument("--fold", default="0")
     parser.add_argument("--shard-size", type=int, default=10000)
-    parser.add_argument("--on-error", choices=ON_ERROR, default="skip")
-    parser.add_argument("--workers", type=int, default=0, help="decode-check processes (0: in this process)")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="skip", help="unreadable files (not pcam_h5)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="decode-check (pcam_h5: PNG-encode) processes (0: in this process)")
     parser.add_argument("--overwrite", action="store_true", help="replace a complete pack in --out")
     args = parser.parse_args(argv)
     try:

@@ -169,6 +169,97 @@ def test_cli_prints_summary(ptcga_src, tmp_path, capsys):
     assert "already holds a complete pack" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- PCam HDF5 source
+def _pcam_h5_split(folder, name, n, seed):
+    """Original-PCam-like ``{name}_x.h5`` / ``{name}_y.h5``; returns (x (n, 96, 96, 3), labels (n,))."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+    x[:, :8] = 255  # a flat band as well as noise, so PNG filters see both
+    labels = rng.integers(0, 2, n).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with h5py.File(folder / f"{name}_x.h5", "w") as fh:
+        fh.create_dataset("x", data=x, chunks=(1, 96, 96, 3))
+    with h5py.File(folder / f"{name}_y.h5", "w") as fh:
+        fh.create_dataset("y", data=labels.reshape(n, 1, 1, 1))
+    return x, labels.astype(np.int64)
+
+
+@pytest.fixture
+def pcam_h5_src(tmp_path, monkeypatch):
+    monkeypatch.setattr("pretrain.pack._PCAM_H5_CHUNK", 8)  # 37 patches: 5 chunks, not aligned to shards
+    src = tmp_path / "pcam"
+    return src, _pcam_h5_split(src, "valid", 37, 0), _pcam_h5_split(src, "train", 5, 1)
+
+
+def test_pcam_h5_round_trip_is_pixel_exact(pcam_h5_src, tmp_path, monkeypatch):
+    src, (x, labels), _ = pcam_h5_src
+    assert 0 < labels.sum() < 37
+    reads = []
+    plain_getitem = h5py.Dataset.__getitem__
+
+    def spy(dset, key):
+        if dset.name == "/x":
+            reads.append(key)
+        return plain_getitem(dset, key)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(h5py.Dataset, "__getitem__", spy)
+        report = pack_folder(src, tmp_path / "val", layout="pcam_h5", split="val", shard_size=10)
+    assert reads == [slice(s, s + 8) for s in range(0, 37, 8)]  # streamed in chunks, never x[:]
+    assert report.count == 37 and report.skipped_count == 0
+    assert [s["count"] for s in report.shards] == [10, 10, 10, 7]
+    index = json.loads((tmp_path / "val" / "index.json").read_text())
+    assert index["layout"] == "pcam_h5" and index["split"] == "val" and index["count"] == 37
+    assert index["label_names"] == ["normal", "tumor"] and index["num_classes"] == 2
+    ds = ShardedImages(tmp_path / "val")
+    assert ds.shard_ranges == [(0, 10), (10, 20), (20, 30), (30, 37)]
+    assert ds.labels.tolist() == labels.tolist()
+    assert [ds.name(i) for i in range(37)] == [f"valid_x.h5:{i}" for i in range(37)]
+    for i in range(37):
+        assert ds.raw_bytes(i)[:8] == b"\x89PNG\r\n\x1a\n"
+        image, label = ds[i]
+        assert label == labels[i] and np.array_equal(image.permute(1, 2, 0).numpy(), x[i]), i
+
+
+def test_pcam_h5_train_split_cli_and_pool(pcam_h5_src, tmp_path, capsys):
+    src, _, (x_train, labels_train) = pcam_h5_src
+    argv = [str(src), "--out", str(tmp_path / "train"), "--layout", "pcam_h5", "--split", "train", "--shard-size", "2"]
+    assert main(argv) == 0
+    assert "packed 5 images into 3 shards" in capsys.readouterr().out
+    serial = ShardedImages(tmp_path / "train")
+    assert serial.labels.tolist() == labels_train.tolist() and serial.name(4) == "train_x.h5:4"
+    assert np.array_equal(serial[3][0].permute(1, 2, 0).numpy(), x_train[3])
+    pack_folder(src, tmp_path / "pool", layout="pcam_h5", split="valid", shard_size=10, workers=2)
+    serial_val = pack_folder(src, tmp_path / "serial", layout="pcam_h5", split="valid", shard_size=10)
+    pooled, serial = ShardedImages(tmp_path / "pool"), ShardedImages(tmp_path / "serial")
+    assert serial_val.count == len(pooled) == 37
+    assert all(pooled.raw_bytes(i) == serial.raw_bytes(i) for i in range(37))  # same order, same PNGs
+
+
+def test_pcam_h5_bad_sources_name_the_file(pcam_h5_src, tmp_path):
+    src, _, _ = pcam_h5_src
+    (src / "valid_y.h5").unlink()
+    with pytest.raises(FileNotFoundError, match="valid_y.h5"):
+        pack_folder(src, tmp_path / "out", layout="pcam_h5", split="val")
+    assert not (tmp_path / "out").exists()
+    with h5py.File(src / "valid_y.h5", "w") as fh:
+        fh.create_dataset("y", data=np.zeros((36, 1, 1, 1), np.uint8))
+    with pytest.raises(ValueError, match="valid_y.h5: 36 labels for 37 images"):
+        pack_folder(src, tmp_path / "out", layout="pcam_h5", split="val")
+    with h5py.File(src / "valid_y.h5", "w") as fh:
+        fh.create_dataset("y", data=np.full((37, 1, 1, 1), 2, np.uint8))
+    with pytest.raises(ValueError, match="valid_y.h5: 37 labels are not 0/1"):
+        pack_folder(src, tmp_path / "out", layout="pcam_h5", split="val")
+    with h5py.File(src / "train_x.h5", "w") as fh:
+        fh.create_dataset("images", data=np.zeros((5, 96, 96, 3), np.uint8))
+    with pytest.raises(ValueError, match="train_x.h5: no dataset 'x'"):
+        pack_folder(src, tmp_path / "out", layout="pcam_h5", split="train")
+    (src / "train_x.h5").write_bytes(b"not hdf5")
+    with pytest.raises(OSError, match="train_x.h5: not an HDF5 file"):
+        pack_folder(src, tmp_path / "out", layout="pcam_h5", split="train")
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- workers
 def test_dataset_pickles_and_works_in_dataloader(ptcga_pack):
     _, out, _ = ptcga_pack
