@@ -68,6 +68,9 @@ class DINOLoss(nn.Module):
         student = (student_out.float() / self.student_temp).chunk(self.n_crops)
         t_temp = teacher_temperature(epoch, self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs)
         teacher = F.softmax((teacher_out.float() - self.center) / t_temp, dim=-1).detach().chunk(2)
+        # mean entropy of the teacher targets: the loss is >= it, so loss - entropy (the KL) is
+        # what training drives down even while the teacher itself becomes less peaked
+        self.teacher_entropy = torch.stack([-(q * torch.log(q.clamp_min(1e-12))).sum(-1).mean() for q in teacher]).mean()
         total, terms = 0.0, 0
         for iq, q in enumerate(teacher):
             for v, s in enumerate(student):

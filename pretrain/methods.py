@@ -277,7 +277,9 @@ class DINO(SSLMethod):
         with torch.no_grad():
             teacher_out = multicrop_forward(self.backbone, self.teacher_head, views[:2])
         student_out = multicrop_forward(self.student, self.student_head, views)
-        return self.loss(student_out, teacher_out, epoch), {"teacher_entropy": _entropy(teacher_out, self.loss)}
+        loss = self.loss(student_out, teacher_out, epoch)
+        entropy = self.loss.teacher_entropy
+        return loss, {"teacher_entropy": entropy, "kl": loss.detach() - entropy}
 
     def after_backward(self, epoch: int) -> None:
         if epoch < self.freeze_last_layer:
@@ -289,14 +291,6 @@ class DINO(SSLMethod):
         ema_update(self.backbone, self.student, self.momentum)
         ema_update(self.teacher_head, self.student_head, self.momentum)
         return {"teacher_momentum": self.momentum}
-
-
-@torch.no_grad()
-def _entropy(teacher_out: torch.Tensor, loss: DINOLoss) -> torch.Tensor:
-    """Mean entropy of the centred teacher distribution (temperature of the current loss call is
-    not needed for a collapse check: near 0 = one-hot collapse, log K = uniform collapse)."""
-    p = F.softmax((teacher_out.float() - loss.center) / loss.teacher_temp, dim=-1)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
 
 
 # ============================================================================= MAE

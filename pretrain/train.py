@@ -199,7 +199,7 @@ def main(cfg: PretrainConfig) -> dict:
         meter = train_one_epoch(model, method, loader, optimizer, amp, cfg, ctx, epoch, updates_per_epoch,
                                 total, stop, peak, state, logger, save)
         state["epoch_loss"].append(meter)
-        dist.print0(f"epoch {epoch + 1}: loss {meter['loss']:.4f}")
+        dist.print0(f"epoch {epoch + 1}: " + " ".join(f"{k} {v:.4f}" for k, v in meter.items()))
         if state["step"] >= (epoch + 1) * updates_per_epoch:  # the epoch is complete
             if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0 and epoch + 1 < cfg.epochs:
                 evaluate_knn(epoch + 1)
@@ -209,7 +209,8 @@ def main(cfg: PretrainConfig) -> dict:
     save(state["step"] // updates_per_epoch)
     logger.close()
     result = {"method": cfg.method, "arch": cfg.arch, "steps": state["step"], "seconds": time.time() - t0,
-              "epoch_loss": [e["loss"] for e in state["epoch_loss"]], "knn": state["knn"], "run_dir": str(out)}
+              "epoch_loss": [e["loss"] for e in state["epoch_loss"]], "epoch_metrics": state["epoch_loss"],
+              "knn": state["knn"], "run_dir": str(out)}
     if ctx.is_main:
         atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
         if state["knn"]:
