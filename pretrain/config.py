@@ -113,12 +113,12 @@ DEMO_DEFAULTS: dict[str, dict] = {
     "simclr": dict(arch="resnet18", epochs=8, lr=1.0, batch_size=64, proj_hidden=512, warmup_epochs=1.0),
     "moco": dict(arch="resnet18", epochs=8, lr=0.06, batch_size=64, queue_size=1024, moco_momentum=0.99, proj_hidden=512,
                  temperature=0.2),
-    "byol": dict(arch="resnet18", epochs=6, lr=1.0, batch_size=64, proj_hidden=1024, proj_dim=128, warmup_epochs=1.0),
+    "byol": dict(arch="resnet18", epochs=6, lr=4.0, batch_size=64, proj_hidden=1024, proj_dim=128, warmup_epochs=1.0),
     # DINO: a ResNet18 (DINO supports ResNets): tiny random-init ViTs give near-identical features
     # at 64 px, so after centring the 0.04 teacher is near uniform and training collapses to it;
     # a sharper teacher (0.01) on a 256-d output learns. The loss can rise while the teacher's
     # entropy rises; its KL part (logged as ``kl``) falls.
-    "dino": dict(arch="resnet18", epochs=6, lr=1e-3, batch_size=64, dino_out_dim=256, teacher_temp=0.01,
+    "dino": dict(arch="resnet18", epochs=4, lr=1e-3, batch_size=64, dino_out_dim=256, teacher_temp=0.01,
                  warmup_teacher_temp=0.01, proj_hidden=512, proj_dim=128, warmup_epochs=1.0, n_local=4,
                  local_size=32, drop_path=0.0, ema_start=0.99),
     "mae": dict(arch="vit_small_patch8_224", epochs=12, vit_embed_dim=192, vit_depth=4, vit_num_heads=3, lr=1.5e-3,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import socket
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from pretrain.export import export_backbone
 from pretrain.model import build_classifier
 from pretrain.ssl_demo import make_ssl_demo
 from pretrain.train import main
+from common_testutils import REPO_ROOT, free_port, run_ok
 
 TINY_VIT = ["--arch", "vit_small_patch8_224", "--vit-embed-dim", "32", "--vit-depth", "1", "--vit-num-heads", "2"]
 TINY = {
@@ -35,12 +38,15 @@ def demo_root(tmp_path_factory):
     return root
 
 
+def _args(root, out, method, *extra) -> list[str]:
+    return ["--method", method, "--data-root", str(root / "PTCGA200"), "--output-dir", str(out),
+            "--pack-dir", str(out.parent / f"packed_{out.name}"), "--image-size", "32", "--eval-crop", "0",
+            "--batch-size", "8", "--epochs", "2", "--num-workers", "0", "--device", "cpu", "--seed", "0",
+            "--shard-size", "16", "--knn-k", "5", "--log-every", "1", "--warmup-epochs", "0.5", *TINY[method], *extra]
+
+
 def _cfg(root, out, method, *extra):
-    return parse_config(PretrainConfig, [
-        "--method", method, "--data-root", str(root / "PTCGA200"), "--output-dir", str(out),
-        "--pack-dir", str(out.parent / f"packed_{out.name}"), "--image-size", "32", "--eval-crop", "0",
-        "--batch-size", "8", "--epochs", "2", "--num-workers", "0", "--device", "cpu", "--seed", "0",
-        "--shard-size", "16", "--knn-k", "5", "--log-every", "1", "--warmup-epochs", "0.5", *TINY[method], *extra])
+    return parse_config(PretrainConfig, _args(root, out, method, *extra))
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol", "dino", "mae"])
@@ -132,3 +138,19 @@ def test_unreadable_image_is_skipped_and_counted_or_an_error_by_switch(demo_root
     main(_cfg(root, tmp_path / "lenient", "simclr", "--on-error", "skip", "--max-steps", "1"))
     index = json.loads((tmp_path / "packed_lenient" / "train" / "index.json").read_text())
     assert index["skipped_count"] == 1 and victim.name in json.dumps(index["skipped"])
+
+
+def test_two_processes_from_a_host_list_split_shards_share_the_queue_and_match_the_initial_knn(demo_root, tmp_path):
+    """2 CPU processes (host-list launch, gloo): each reads its own shards, MoCo's queue takes the
+    keys of both (pointer = 2 steps x 2 processes x 8 keys mod 20), and the k-NN of the initial
+    backbone (rank 0's init, broadcast by DDP; features gathered from both) equals 1 process's."""
+    one = main(_cfg(demo_root, tmp_path / "one", "moco", "--max-steps", "2"))
+    run_ok([sys.executable, REPO_ROOT / "pretrain" / "train.py",
+            *_args(demo_root, tmp_path / "two", "moco", "--max-steps", "2"),
+            "--hosts", socket.gethostname(), "--gpus-per-node", "2", "--master-port", str(free_port())], timeout=300)
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert int(load_file(tmp_path / "one" / "last.pt")["model"]["queue_ptr"]) == (2 * 8) % 20
+    assert int(load_file(tmp_path / "two" / "last.pt")["model"]["queue_ptr"]) == (2 * 2 * 8) % 20
+    first_one, first_two = one["knn"][0], two["knn"][0]
+    assert first_two["n_test"] == first_one["n_test"] and first_two["n_train"] == first_one["n_train"]
+    assert abs(first_two["top1"] - first_one["top1"]) <= 1 / first_one["n_test"] + 1e-9  # batch composition only
