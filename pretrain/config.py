@@ -111,7 +111,9 @@ METHOD_DEFAULTS: dict[str, dict] = {
 # Small models on 64-px crops of the synthetic 96-px demo patches: minutes on 2 CPU cores.
 DEMO_DEFAULTS: dict[str, dict] = {
     "simclr": dict(arch="resnet18", epochs=8, lr=1.0, batch_size=64, proj_hidden=512, warmup_epochs=1.0),
-    "moco": dict(arch="resnet18", epochs=8, lr=0.06, batch_size=64, queue_size=1024, moco_momentum=0.99, proj_hidden=512,
+    # MoCo: a queue smaller than the 1,050-image demo set, else each query's own image (its key
+    # from the previous epoch) sits in the queue as a negative and the loss rises as features improve.
+    "moco": dict(arch="resnet18", epochs=8, lr=0.06, batch_size=64, queue_size=256, moco_momentum=0.99, proj_hidden=512,
                  temperature=0.2),
     "byol": dict(arch="resnet18", epochs=6, lr=4.0, batch_size=64, proj_hidden=1024, proj_dim=128, warmup_epochs=1.0),
     # DINO: a ResNet18 (DINO supports ResNets): tiny random-init ViTs give near-identical features
