@@ -140,7 +140,7 @@ class PretrainConfig(BaseConfig):
     method: str = "simclr"  # simclr | moco | byol | dino | mae
     # data: a pack root (<root>/{train,val}/index.json from pretrain/pack.py) or an image folder
     data_root: str = "./datasets/PTCGA200"
-    layout: str = "ptcga200"  # image-folder layout when data_root is not packed: ptcga200 | pcam200 | folder
+    layout: str = "ptcga200"  # source layout when data_root is not packed: ptcga200 | pcam200 | pcam_h5 | folder
     split_file: str = ""  # ptcga200: 3fold_dict_idx_filenames.pickle (default <data_root>/..)
     fold: str = "0"
     pack_dir: str = ""  # where an image folder is packed (default <output_dir>/packed)

@@ -154,3 +154,27 @@ def test_two_processes_from_a_host_list_split_shards_share_the_queue_and_match_t
     first_one, first_two = one["knn"][0], two["knn"][0]
     assert first_two["n_test"] == first_one["n_test"] and first_two["n_train"] == first_one["n_train"]
     assert abs(first_two["top1"] - first_one["top1"]) <= 1 / first_one["n_test"] + 1e-9  # batch composition only
+
+
+def test_original_pcam_hdf5_files_are_packed_and_pretrained_on(tmp_path):
+    import h5py
+    import numpy as np
+    rng = np.random.default_rng(0)
+    src = tmp_path / "pcam"
+    src.mkdir()
+    for split, n in (("train", 24), ("valid", 10)):
+        labels = np.arange(n) % 2
+        x = rng.integers(0, 60, (n, 40, 40, 3)) + (labels * 150)[:, None, None, None]  # two separable classes
+        with h5py.File(src / f"{split}_x.h5", "w") as fh:
+            fh["x"] = x.astype(np.uint8)
+        with h5py.File(src / f"{split}_y.h5", "w") as fh:
+            fh["y"] = labels.reshape(n, 1, 1, 1).astype(np.uint8)
+    args = _args(tmp_path, tmp_path / "run", "simclr", "--max-steps", "2")
+    args[args.index("--data-root") + 1] = str(src)
+    result = main(parse_config(PretrainConfig, args + ["--layout", "pcam_h5"]))
+    assert result["steps"] == 2 and result["knn"][0]["n_test"] == 10 and result["knn"][0]["n_train"] == 24
+    from pretrain.pack import ShardedImages
+    packed = ShardedImages(tmp_path / "packed_run" / "val")
+    with h5py.File(src / "valid_x.h5") as fh:
+        assert all(torch.equal(packed[i][0], torch.from_numpy(fh["x"][i]).permute(2, 0, 1)) for i in range(10))
+    assert packed.labels.tolist() == [i % 2 for i in range(10)]
