@@ -178,3 +178,15 @@ def test_original_pcam_hdf5_files_are_packed_and_pretrained_on(tmp_path):
     with h5py.File(src / "valid_x.h5") as fh:
         assert all(torch.equal(packed[i][0], torch.from_numpy(fh["x"][i]).permute(2, 0, 1)) for i in range(10))
     assert packed.labels.tolist() == [i % 2 for i in range(10)]
+
+
+def test_gradient_accumulation_counts_updates_and_scales_the_lr(demo_root, tmp_path):
+    """42 train images, batch 8 -> 5 micro-batches per epoch: 2 updates of 2 micro-batches each
+    (the fifth is dropped), and the peak lr follows the global batch 8 x 2."""
+    result = main(_cfg(demo_root, tmp_path / "run", "mae", "--accum", "2", "--knn-every", "0", "--lr", "0.256",
+                       "--base-batch-size", "256", "--warmup-epochs", "0", "--min-lr", "0"))
+    assert result["steps"] == 2 * 2
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["train/lr"] for r in rows if "train/lr" in r]
+    assert lrs[0] == pytest.approx(0.256 * 16 / 256)  # first update: the peak (no warm-up)
+    assert lrs == sorted(lrs, reverse=True) and len(lrs) == 4
