@@ -39,7 +39,7 @@ from PIL import Image
 from scipy import ndimage
 
 from common.checkpoint import atomic_write, atomic_write_text
-from pretrain.dataset import ORGAN2ID
+from pretrain.dataset import ORGAN2ID, load_split_file
 
 MARKER = ".complete"
 SPLIT_FILE = "3fold_dict_idx_filenames.pickle"
@@ -351,8 +351,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--montage", default="", help="also save a PNG with one row of examples per organ")
     args = parser.parse_args(argv)
     root = make_ssl_demo(Path(args.root), args.per_class, args.size, args.seed)
-    with open(root / SPLIT_FILE, "rb") as fh:
-        split = pickle.load(fh)["0"]
+    split = load_split_file(root / SPLIT_FILE)["0"]
     for organ in PAINTERS:
         counts = {part: sum(n.startswith(f"{organ}_") for n in split[part]["imgs"]) for part in split}
         print(f"{organ:10s} (label {ORGAN2ID[organ]:2d}): " + "  ".join(f"{p} {c}" for p, c in counts.items()))

@@ -15,6 +15,7 @@ from common.checkpoint import load_file
 from common.config import parse_config
 from pretrain.config import PretrainConfig
 from pretrain.export import export_backbone
+from pretrain.dataset import load_split_file
 from pretrain.model import build_classifier
 from pretrain.ssl_demo import make_ssl_demo
 from pretrain.train import main
@@ -121,8 +122,7 @@ def test_unknown_organ_folder_and_split_naming_absent_images_fail_before_trainin
         main(_cfg(root, tmp_path / "run", "simclr"))
     shutil.rmtree(root / "PTCGA200" / "pancreaz")
     split_path = root / "3fold_dict_idx_filenames.pickle"
-    with open(split_path, "rb") as fh:
-        split = pickle.load(fh)
+    split = load_split_file(split_path)
     split["0"]["train"]["imgs"].append("liver_9999.png")
     split_path.write_bytes(pickle.dumps(split))
     with pytest.raises(ValueError, match="not found"):
