@@ -100,7 +100,7 @@ def build_loaders(cfg: PretrainConfig, ctx: dist.DistContext):
         knn = {name: DataLoader(ds, batch_size=max(cfg.batch_size, 64), sampler=dist.ShardSampler(len(ds)), **common)
                for name, ds in (("bank", bank), ("query", query))}
         dist.print0(f"k-NN: {len(bank)} bank / {len(query)} held-out images, "
-                    f"{int(train_set.labels.max()) + 1} labels")
+                    f"{len(np.unique(train_set.labels))} classes present")
     return train, sampler, knn
 
 
