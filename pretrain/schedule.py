@@ -5,7 +5,7 @@
 | SimCLR | LARS (trust 0.001, momentum 0.9; no wd/adaptation on BN and biases) | linear warm-up, cosine to 0 | |
 | MoCo v2 | SGD momentum 0.9, wd on every parameter | cosine per *epoch* (``--cos``) | key momentum fixed |
 | BYOL | LARS, as SimCLR | PatchTCGA: warm-up from the base lr, cosine + 1e-6 | target EMA 0.99 -> 1 |
-| DINO | AdamW | linear warm-up from 0, cosine to 1e-6 | wd 0.04 -> 0.4, teacher 0.996 -> 1 |
+| DINO | AdamW | linear warm-up from 0 (``np.linspace``: peak at W - 1), cosine to 1e-6 | wd 0.04 -> 0.4, teacher 0.996 -> 1 |
 | MAE | AdamW (0.9, 0.95) | linear warm-up from 0, half-cosine to 0 | |
 
 The peak lr is ``lr * global_batch / base_batch_size`` where global batch = per-process batch x
@@ -59,6 +59,8 @@ def lr_at(step: int, cfg, peak: float, updates_per_epoch: int, total: int) -> fl
         if step < warmup:
             return cfg.lr + (peak - cfg.lr) * step / warmup
         return peak * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))) / 2 + cfg.min_lr
+    if cfg.method == "dino" and 1 < warmup and step < warmup:  # np.linspace(0, peak, W): reaches peak at W - 1
+        return peak * step / (warmup - 1)
     return warmup_cosine(step, total, warmup, peak, final=cfg.min_lr)
 
 

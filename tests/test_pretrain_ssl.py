@@ -499,8 +499,14 @@ def test_byol_warmup_starts_from_unscaled_base_lr():
     assert lr_at(20, cfg, peak, upe, total) == pytest.approx(0.45 + 1e-6, abs=1e-15)
     assert lr_at(30, cfg, peak, upe, total) == pytest.approx(1e-6, abs=1e-15)
     # the other methods warm up from 0
+    simclr = _cfg(method="simclr", warmup_epochs=2.0)
+    assert lr_at(0, simclr, peak, upe, total) == 0.0 and lr_at(5, simclr, peak, upe, total) == pytest.approx(0.45)
+    # DINO: np.linspace(0, peak, 10) over the 10 warm-up updates, then cosine from the peak
     dino = _cfg(method="dino", warmup_epochs=2.0, min_lr=1e-6)
-    assert lr_at(0, dino, peak, upe, total) == 0.0 and lr_at(5, dino, peak, upe, total) == pytest.approx(0.45)
+    hand = np.linspace(0, peak, 10)
+    assert [lr_at(s, dino, peak, upe, total) for s in range(10)] == pytest.approx(hand.tolist(), abs=1e-15)
+    assert lr_at(10, dino, peak, upe, total) == pytest.approx(0.9, abs=1e-15)
+    assert lr_at(20, dino, peak, upe, total) == pytest.approx(1e-6 + (0.9 - 1e-6) / 2, abs=1e-15)
 
 
 def test_clip_per_parameter_clips_each_tensor_separately():
