@@ -115,7 +115,6 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: int | Sequence[int]
     if sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     spatial = tuple(inputs.shape[2:])
-    ndim = len(spatial)
     roi = resolve_roi(roi_size, spatial)
     compute_dtype = inputs.dtype if inputs.is_floating_point() else torch.float32
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device

@@ -12,6 +12,7 @@ Ratios end-to-end / min(loader, model) near 1 mean the two overlap well.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from common.amp import MixedPrecision
 from common.augment import make_generator
 from common.config import parse_config
-from common.dist import resolve_device, worker_init_fn
+from common.dist import DistContext, resolve_device, worker_init_fn
 from pretrain.config import PretrainConfig
 from pretrain.methods import METHODS, build_method
 from pretrain.pack import ShardAwareSampler, ShardedImages
@@ -48,7 +49,7 @@ def bench_method(method: str, args) -> dict[str, float]:
     cfg = parse_config(PretrainConfig, flags + ([] if args.full else ["--demo"]) +
                        (["--batch-size", str(args.batch_size)] if args.batch_size else []))
     device = resolve_device(cfg.device)
-    ctx = type("Ctx", (), {"is_main": True, "distributed": False})()
+    ctx = DistContext(0, 1, 0, device)  # one process
     dataset = ShardedImages(packed_splits(cfg, ctx)["train"])
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=ShardAwareSampler(dataset, 1, 0, seed=0),
                         num_workers=cfg.num_workers, drop_last=True, pin_memory=device.type == "cuda",
@@ -58,16 +59,18 @@ def bench_method(method: str, args) -> dict[str, float]:
     amp = MixedPrecision(device, cfg.precision)
     stream = iter(_forever(loader))
 
-    def step(images, labels, i=[0]):  # noqa: B006 - a call counter
-        i[0] += 1
-        gen = make_generator(0, 0, i[0])
+    calls = itertools.count(1)
+
+    def step(images, labels):
+        i = next(calls)
+        gen = make_generator(0, 0, i)
         views = make_views(method, images.to(device, non_blocking=True), gen, cfg)
         with amp.autocast():
             loss, _ = model(views, labels.to(device), 1, gen)
         amp.backward(loss)
         model.after_backward(1)
         update(model, optimizer, amp, cfg)
-        model.after_update(i[0], 10 ** 6)
+        model.after_update(i, 10 ** 6)
 
     fixed_images, fixed_labels = next(stream)
     per_batch = {

@@ -27,6 +27,15 @@ SIZE = 96
 MARKER = ".complete"
 
 
+def ellipse_mask(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, semi_u: float, semi_v: float,
+                 theta: float) -> np.ndarray:
+    """Pixels inside the ellipse centred at (cy, cx) with semi-axes ``semi_u`` along the direction
+    ``theta`` and ``semi_v`` across it; ``yy, xx`` from ``np.mgrid``."""
+    dy, dx = yy - cy, xx - cx
+    u, v = dx * np.cos(theta) + dy * np.sin(theta), -dx * np.sin(theta) + dy * np.cos(theta)
+    return (u / semi_u) ** 2 + (v / semi_v) ** 2 <= 1
+
+
 def synth_patch(rng: np.random.Generator, tumor: bool, size: int = SIZE) -> np.ndarray:
     """uint8 (size, size, 3) H&E-like patch."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -37,9 +46,7 @@ def synth_patch(rng: np.random.Generator, tumor: bool, size: int = SIZE) -> np.n
         r = rng.uniform(3.5, 7.5) if tumor else rng.uniform(2.5, 5.0)
         ax = r * rng.uniform(0.7, 1.4 if tumor else 1.1)
         cy, cx, th = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0, np.pi)
-        dy, dx = yy - cy, xx - cx
-        u, v = dx * np.cos(th) + dy * np.sin(th), -dx * np.sin(th) + dy * np.cos(th)
-        inside = (u / ax) ** 2 + (v / r) ** 2 <= 1
+        inside = ellipse_mask(yy, xx, cy, cx, ax, r, th)
         colour = np.array([70, 40, 130] if tumor else [95, 60, 150], np.float32) + rng.normal(0, 12, 3)
         img[inside] = colour
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -78,9 +85,7 @@ def organ_patch(rng: np.random.Generator, organ: str, size: int = SIZE) -> np.nd
     for _ in range(rng.integers(n0, n1)):
         r = rng.uniform(r0, r1)
         cy, cx, th = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0, np.pi)
-        dy, dx = yy - cy, xx - cx
-        u, v = dx * np.cos(th) + dy * np.sin(th), -dx * np.sin(th) + dy * np.cos(th)
-        img[(u / (r * elong)) ** 2 + (v / r) ** 2 <= 1] = np.array([80, 50, 140], np.float32) + rng.normal(0, 15, 3)
+        img[ellipse_mask(yy, xx, cy, cx, r * elong, r, th)] = np.array([80, 50, 140], np.float32) + rng.normal(0, 15, 3)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

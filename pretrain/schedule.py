@@ -81,16 +81,14 @@ def apply_schedules(optimizer: torch.optim.Optimizer, step: int, cfg, peak: floa
     return lr
 
 
-def clip_per_parameter(params, clip: float) -> float:
-    """DINO's clipping: each parameter's gradient norm separately to ``clip``; returns the
-    largest norm seen (before clipping)."""
-    largest = 0.0
-    for p in params:
-        if p.grad is None:
-            continue
-        norm = float(p.grad.detach().norm(2))
-        largest = max(largest, norm)
-        coef = clip / (norm + 1e-6)
-        if coef < 1:
-            p.grad.mul_(coef)
-    return largest
+def clip_per_parameter(params, clip: float) -> torch.Tensor:
+    """DINO's clipping: each parameter's gradient norm separately to ``clip`` (scaled by
+    clip / (norm + 1e-6) when that is below 1). Stays on the device (no host sync per
+    parameter); returns the largest norm before clipping as a 0-d tensor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    for grad, norm in zip(grads, norms):
+        grad.mul_((clip / (norm + 1e-6)).clamp(max=1.0))
+    return torch.stack(norms).max()

@@ -17,6 +17,23 @@ def demo_root() -> str:
 
 
 @dataclass
+class AugmentConfig:
+    """Device augmentation of training crops (PatchTCGA's segPANDA branch, reference §7): random
+    crop, H/V flips replayed on the mask; colour jitter p 0.8 and Gaussian blur p 0.5 on the image
+    only. ``TrainConfig`` inherits these fields, so they are command-line flags too."""
+
+    crop_size: int = 224
+    flip_prob: float = 0.5  # horizontal and vertical, each
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+
+
+@dataclass
 class ModelConfig(BaseConfig):
     """What builds the network; shared by training and evaluation."""
 
@@ -44,7 +61,7 @@ class ModelConfig(BaseConfig):
 
 
 @dataclass
-class TrainConfig(ModelConfig):
+class TrainConfig(ModelConfig, AugmentConfig):
     """Fine-tune a segmentation model on segPANDA200 (random crops, CE, AdamW, warm-up + cosine)."""
 
     output_dir: str = "runs/segpanda"
@@ -64,15 +81,6 @@ class TrainConfig(ModelConfig):
     clip_norm: float = 1.0
     ignore_index: int = -1  # -1: none (PatchTCGA trains and counts class 0)
     class_weights: list[float] = field(default_factory=list)  # [] = unweighted cross-entropy
-    # augmentation (kornia/torch on the device; colour on the image only)
-    flip_prob: float = 0.5  # horizontal and vertical, each
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    blur_prob: float = 0.5
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # evaluation
     eval_every: int = 200  # updates between validations (also at every epoch end)
     val_crop_size: int = 224  # centre crop of validation/test tiles (PatchTCGA); 0 = whole tile, sliding window

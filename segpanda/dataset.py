@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from common.augment import (apply_blur, apply_color_jitter, apply_crop, apply_flip, sample_color_jitter,
                             sample_crop, sample_flags)
+from segpanda.config import AugmentConfig
 
 CLASS_NAMES = ("background", "stroma", "benign", "gleason3", "gleason4", "gleason5")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -144,19 +145,6 @@ def center_crop(array: np.ndarray, size: int, source: Path | str = "") -> np.nda
 
 
 # ============================================================================= device augmentation
-@dataclass
-class AugmentConfig:
-    crop_size: int
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    blur_prob: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-
-
 @dataclass
 class AugmentParams:
     corners: torch.Tensor  # (B, 2) crop top-left

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from typing import Mapping
 
 import torch

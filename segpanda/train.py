@@ -32,7 +32,7 @@ from common.config import parse_config
 from common.logging import AverageMeter, MetricLogger, progress, start_run
 from common.optim import FunctionScheduler, scaled_lr, split_decay_groups, warmup_cosine
 from segpanda.config import TrainConfig
-from segpanda.dataset import (AugmentConfig, SegPandaDataset, find_samples, sample_augment, train_transform,
+from segpanda.dataset import (SegPandaDataset, find_samples, sample_augment, train_transform,
                               validate_samples)
 from segpanda.eval import evaluate, format_metrics, make_eval_loader
 from segpanda.model import build_model, load_pretrained_backbone, load_segmentation_weights
@@ -83,7 +83,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, ctx, cfg: TrainCon
                     steps_per_epoch: int, last_step: int, tile: tuple[int, int], logger: MetricLogger, hooks) -> int:
     """One pass (or up to ``last_step``); ``hooks(epoch, step)`` validates / checkpoints in between."""
     model.train()
-    aug = AugmentConfig(**{k: getattr(cfg, k) for k in AugmentConfig.__dataclass_fields__})
     weight = torch.tensor(cfg.class_weights, device=ctx.device) if cfg.class_weights else None
     meter = AverageMeter()
     end = min((epoch + 1) * steps_per_epoch, last_step)
@@ -93,8 +92,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, ctx, cfg: TrainCon
         if step >= end:
             break
         images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
-        params = sample_augment(len(images), tile, aug, make_generator(cfg.seed, ctx.rank, step))
-        x, y = train_transform(images, masks, params, aug, cfg.image_mean, cfg.image_std)
+        params = sample_augment(len(images), tile, cfg, make_generator(cfg.seed, ctx.rank, step))
+        x, y = train_transform(images, masks, params, cfg, cfg.image_mean, cfg.image_std)
         if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():

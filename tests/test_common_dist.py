@@ -252,6 +252,7 @@ def _assert_finished(run_dir, world):
 def test_two_process_gloo_ddp_equals_one_process_same_global_batch(single_run, hostlist_run):
     (one, res1), (two, res2) = single_run, hostlist_run
     _assert_clean(res1)
+    _assert_clean(res2)
     s1, rows1 = _assert_finished(one, 1)
     s2, rows2 = _assert_finished(two, 2)
     assert s1["model"].keys() == s2["model"].keys()

@@ -14,15 +14,8 @@ from nuclick.export import example_input, run
 from nuclick.model import build_model
 
 TINY = (4, 8, 8, 8, 8, 4)
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")]
 
 
 def test_onnx_and_torchscript_match_pytorch(tmp_path):

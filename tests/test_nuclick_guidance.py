@@ -13,12 +13,7 @@ from nuclick.dataset import (AugmentConfig, GuidanceConfig, augment, chessboard_
                              negative_points, positive_points, smooth_points, valid_batch)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions: threads only add overhead
 
 
 def _blobs(seed: int, shape=(40, 48), n=6) -> np.ndarray:

@@ -20,12 +20,7 @@ from nuclick.model import build_model
 DEMO = "nuclei/nuclick_demo"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions: threads only add overhead
 
 
 class DiscModel(nn.Module):

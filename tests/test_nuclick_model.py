@@ -11,12 +11,7 @@ from nuclick.model import BUNDLE_FEATURES, build_model, count_parameters, dice_l
 TINY = (4, 8, 8, 8, 8, 4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions: threads only add overhead
 
 
 def bundle_key_shapes(f=BUNDLE_FEATURES, cin: int = 5) -> dict[str, tuple[int, ...]]:

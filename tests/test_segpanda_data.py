@@ -9,7 +9,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from common.augment import make_generator
-from segpanda.dataset import (AugmentConfig, DatasetError, SegPandaDataset, apply_blur, apply_geometry, center_crop,
+from segpanda.dataset import (AugmentConfig, DatasetError, SegPandaDataset, apply_blur, center_crop,
                               find_samples, read_mask, sample_augment, train_transform, validate_samples)
 from segpanda.demo import make_demo, synthetic_tile
 
