@@ -243,6 +243,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def run_on_main(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on rank 0 only (data generation, packing, downloads) while the others wait.
+
+    Returns ``fn``'s result on rank 0 and None elsewhere. If ``fn`` raises, rank 0 re-raises it
+    and every other process raises a RuntimeError quoting it, so a bad input found by rank 0
+    stops the whole job at once instead of leaving the other processes at a barrier."""
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:  # reported to every process below, re-raised here
+            error = err
+    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed, stopping this process too: {message}")
+    return result
+
+
 # ----------------------------------------------------------------------------- sampling
 class ResumableSampler(DistributedSampler):
     """DistributedSampler whose epoch can start part-way: ``set_epoch(epoch, skip=n)`` drops the

@@ -47,10 +47,9 @@ def packed_splits(cfg: PretrainConfig, ctx: dist.DistContext) -> dict[str, Path]
     root = Path(cfg.data_root)
     if (root / "train" / "index.json").is_file():
         return {s: root / s for s in ("train", "val") if (root / s / "index.json").is_file()}
-    if cfg.demo and ctx.is_main:
+    if cfg.demo:
         from pretrain.ssl_demo import make_ssl_demo
-        make_ssl_demo(root.parent)
-    dist.barrier()
+        dist.run_on_main(make_ssl_demo, root.parent)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data_root is neither a pack root (<root>/train/index.json) nor an image folder")
     pack_root = Path(cfg.pack_dir or Path(cfg.output_dir) / "packed")
@@ -62,7 +61,8 @@ def packed_splits(cfg: PretrainConfig, ctx: dist.DistContext) -> dict[str, Path]
         split_file, splits = "", ("train",)
     else:
         splits = ("train", "val") if cfg.layout != "folder" else ("train",)
-    if ctx.is_main:
+
+    def pack_missing() -> None:
         for split in splits:
             if not (pack_root / split / "index.json").is_file():
                 report = pack_folder(root, pack_root / split, layout=cfg.layout, split=split,
@@ -70,7 +70,8 @@ def packed_splits(cfg: PretrainConfig, ctx: dist.DistContext) -> dict[str, Path]
                                      fold=cfg.fold, shard_size=cfg.shard_size, on_error=cfg.on_error,
                                      workers=cfg.num_workers)
                 print(report.summary())
-    dist.barrier()
+
+    dist.run_on_main(pack_missing)  # a bad source stops every process, not only rank 0
     return {s: pack_root / s for s in splits}
 
 

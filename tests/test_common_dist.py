@@ -186,6 +186,26 @@ def test_collectives_over_two_processes(tmp_path):
     assert sorted(set(r[0]["shard"]) | set(r[1]["shard"])) == list(range(11))
 
 
+def _failing_on_main(ctx, out_dir):
+    def fails():
+        raise ValueError("bad organ folder 'pancreaz'")
+
+    try:
+        dist.run_on_main(fails)
+    except Exception as err:  # every rank must get here, not hang at a barrier
+        torch.save({"type": type(err).__name__, "msg": str(err)}, f"{out_dir}/err{ctx.rank}.pt")
+    value = dist.run_on_main(lambda: 42)
+    torch.save({"value": value}, f"{out_dir}/ok{ctx.rank}.pt")
+
+
+def test_run_on_main_stops_every_process_when_rank_0_fails(tmp_path):
+    run_workers(_failing_on_main, 2, str(tmp_path), timeout=60)
+    e0, e1 = (torch.load(tmp_path / f"err{r}.pt", weights_only=True) for r in (0, 1))
+    assert e0 == {"type": "ValueError", "msg": "bad organ folder 'pancreaz'"}
+    assert e1["type"] == "RuntimeError" and "ValueError: bad organ folder 'pancreaz'" in e1["msg"]
+    assert [torch.load(tmp_path / f"ok{r}.pt", weights_only=True)["value"] for r in (0, 1)] == [42, None]
+
+
 # ============================================================================= launch modes (tests/tiny_train.py)
 COMMON = ["--epochs", "3", "--n-samples", "64", "--seed", "3"]
 
