@@ -103,7 +103,11 @@ def setup(device: str = "auto") -> DistContext:
 
 
 def cleanup() -> None:
+    """Tear the process group down after every process has arrived here: destroying it while a
+    peer still talks to it can abort that peer (gloo: "terminate called without an active
+    exception")."""
     if is_initialized():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
