@@ -59,7 +59,7 @@ def _block_mask(slide: str, cells: int):
 
 
 def _run_mode(mode: str, cfg: BenchConfig, queue) -> None:
-    from camelyon.dataset import read_rgb, open_slide
+    from common.wsi import open_slide, read_rgb
     from camelyon.infer import cell_top_left, dense_mode_map, patch_mode_map
     from camelyon.model import build_model
     from common.amp import MixedPrecision

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.config import BaseConfig, default_cache_dir
+from common.config import BaseConfig, ConfigError, default_cache_dir
 
 
 def demo_root() -> str:
@@ -38,6 +38,9 @@ class TrainConfig(AugmentConfig, BaseConfig):
     image_dir: str = ""  # default <data_root>/training/images
     annotation_dir: str = ""  # needed for NCRF .txt lists (grid labels from the polygons)
     slide_suffix: str = ".tif"
+    # µm/px of the training slides' level 0 (what the model learns); 0 = read from the slides' headers at
+    # start-up (they differ: the median, with a warning; none declares one: Camelyon16's 0.243)
+    mpp: float = 0.0
     # recipe
     epochs: int = 4
     batch_size: int = 128  # regions per process and step (x9 patches)
@@ -48,8 +51,11 @@ class TrainConfig(AugmentConfig, BaseConfig):
     shuffle: bool = True  # the bundle's multi-GPU config shuffles; its single-GPU config does not
     num_workers: int = 8
     # initialisation
-    pretrained: str = ""  # local torchvision resnet18 ImageNet .pth (the bundle starts from ImageNet)
-    init_checkpoint: str = ""  # start from a bundle model.pt or a project checkpoint
+    # imagenet: torchvision ResNet18_Weights.IMAGENET1K_V1 (the bundle's start; cached by torch.hub, downloaded
+    # when absent) | none: random weights | PATH: a resnet18 backbone file (torchvision, SimCLR, MoCo, ...)
+    pretrained: str = "imagenet"
+    init_checkpoint: str = ""  # whole model: a bundle model.pt or a project checkpoint (--pretrained imagenet skipped)
+    initialisation: str = ""  # written by the run (config.json, checkpoints): what it started from; not an input
     # engineering
     channels_last: bool = True  # used on CUDA (on CPU it does not pay off)
     max_steps_per_epoch: int = 0  # 0 = whole epoch
@@ -66,7 +72,7 @@ class TrainConfig(AugmentConfig, BaseConfig):
         return dict(data_root=root, train_list=f"{root}/training.csv", valid_list=f"{root}/validation.csv",
                     image_dir=f"{root}/training/images", output_dir="runs/camelyon_demo",
                     epochs=2, batch_size=4, max_steps_per_epoch=30, num_workers=2, seed=0,
-                    checkpoint_every=10, log_every=5)
+                    checkpoint_every=10, log_every=5, pretrained="none")
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
@@ -83,8 +89,12 @@ class InferConfig(BaseConfig):
     checkpoint: str = ""  # project checkpoint or the bundle's model.pt
     output_dir: str = "outputs/camelyon"
     mode: str = "dense"  # dense (fully convolutional tiles) | patch (bundle: one 224 patch per cell)
-    mask_downsample: float = 64.0  # tissue-mask grid (~level 6 of a Camelyon slide)
-    tile_cells: int = 32  # dense: cells per tile side (tile = 224 + 64 * (n - 1) px)
+    mask_downsample: float = 64.0  # tissue-mask grid cell in network pixels (level 6 of a Camelyon slide)
+    tile_cells: int = 32  # dense: cells per tile side (tile = 224 + 64 * (n - 1) network px)
+    # resolution: the network sees each slide at model_mpp (level-0 px per network px = model_mpp / slide_mpp)
+    slide_mpp: float = 0.0  # µm/px of the slides' level 0; 0 = each slide's header (none: assume model_mpp, warn)
+    model_mpp: float = 0.0  # µm/px the network was trained at; 0 = the checkpoint's config, 0.243 for model.pt
+    mpp_tolerance: float = 0.1  # slides this close (relative) to model_mpp are read at level 0 as they are
     batch_size: int = 400  # patch mode: patches per batch (bundle: 400)
     num_workers: int = 4
     nms_threshold: float = 0.5
@@ -100,17 +110,23 @@ class InferConfig(BaseConfig):
         unknown = set(self.export) - {"geojson", "asap"}
         if unknown:
             raise ValueError(f"--export accepts geojson and asap, got {sorted(unknown)}")
+        if self.slide_mpp < 0 or self.model_mpp < 0 or not 0 <= self.mpp_tolerance < 1:
+            raise ValueError("--slide-mpp and --model-mpp must be >= 0 (0: automatic), --mpp-tolerance in [0, 1)")
 
 
 @dataclass
 class EvalConfig(BaseConfig):
-    """Official Camelyon16 lesion-level FROC (+ slide AUC), or patch accuracy of a checkpoint."""
+    """Camelyon16 lesion-level FROC (official or bundle protocol, + slide AUC), or patch accuracy."""
 
-    detections: str = ""  # folder of <slide>.csv (probability,X,Y)
-    ground_truth: str = ""  # folder of <slide>.tif masks or <slide>.xml/.json annotations
+    # official: Evaluation_FROC.py (level 5, <slide>.csv detections, normal slides add FPs) -- compare
+    #   with NCRF and the challenge. bundle: MONAI LesionFROC as the bundle ran it for its 0.72 (level 6,
+    #   <slide>.npy maps -> NMS, 0/1 masks, only slides with a <slide>.tif mask count).
+    protocol: str = "official"  # official | bundle
+    detections: str = ""  # folder of <slide>.csv (probability,X,Y) and/or <slide>.npy maps (bundle)
+    ground_truth: str = ""  # folder of <slide>.tif masks or <slide>.xml/.json annotations (official)
     output_dir: str = "outputs/camelyon_eval"
-    level: int = 5  # official evaluation level
-    spacing_um: float = 0.243  # level-0 pixel size of the official protocol
+    level: int = -1  # mask level; -1 = the protocol's (official 5, bundle 6)
+    spacing_um: float = 0.243  # level-0 pixel size of both protocols
     slides: str = ""  # optional slide folder: level-0 sizes for annotation ground truth
     stem_chars: int = 0  # 8 reproduces the official script's name matching (first 8 characters)
     # patch-level accuracy instead of FROC
@@ -119,3 +135,18 @@ class EvalConfig(BaseConfig):
     annotation_dir: str = ""
     checkpoint: str = ""
     batch_size: int = 32
+
+    def mask_level(self) -> int:
+        """The evaluation mask level: ``level`` if set, else 5 (official) or 6 (bundle)."""
+        if self.level >= 0:
+            return self.level
+        return 6 if self.protocol == "bundle" else 5
+
+    def validate(self) -> None:
+        if self.protocol not in ("official", "bundle"):
+            raise ConfigError(f"--protocol must be official or bundle, got {self.protocol!r}")
+        if self.level < -1:
+            raise ConfigError(f"--level must be >= 0 (or -1 for the protocol's level), got {self.level}")
+        if self.protocol == "bundle" and self.stem_chars:
+            raise ConfigError("--stem-chars is an official-protocol quirk; the bundle protocol matches "
+                             "<slide>.npy to <slide>.tif")

@@ -1,7 +1,9 @@
 """Slides, patch lists and the training dataset of the Camelyon16 pipeline.
 
-- Slides: anything OpenSlide opens. Each data-loader worker opens a slide lazily on first use and
-  keeps the handle; pixels outside the slide or transparent come back white.
+- Slides: anything OpenSlide opens, read through ``common.wsi``. Each data-loader worker opens a
+  slide lazily on first use and keeps the handle; pixels outside the slide or transparent come back
+  white. Training regions are read at level 0, so the model learns the slides' level-0 resolution;
+  ``training_mpp`` finds it in their headers and the checkpoint's config records it.
 - Patch lists (region centres at level 0 with the nine labels of the 3x3 grid):
   the bundle's CSV (``slide,x,y,l0..l8``, labels stored column-outer: ``label[r][c]`` = CSV
   column ``3 + r + 3c``), NCRF ``coords/*.txt`` (``Slide_id,x,y``; grid labels from annotations),
@@ -19,77 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import openslide
 import torch
 from torch.utils.data import Dataset
 
 from camelyon.config import AugmentConfig
 from common import augment as aug
+from common.wsi import SLIDE_SUFFIXES, SlideError, SlideHandles, dataset_mpp, open_slide, read_rgb
 
 REGION = 768
 PATCH = 224
 GRID = 3
 GRID_STEP = (REGION - PATCH) // (GRID - 1)  # 272: patch offsets 0, 272, 544
-SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")
-
-
-class SlideError(ValueError):
-    """A slide that is missing, unreadable, or asked for pixels it does not have."""
-
-
-# ============================================================================= slides
-def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
-    path = Path(path)
-    if not path.is_file():
-        raise SlideError(f"slide not found: {path}")
-    try:
-        return openslide.OpenSlide(str(path))
-    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as err:
-        raise SlideError(f"{path}: OpenSlide cannot read this file ({err})") from err
-
-
-def read_rgb(slide: openslide.OpenSlide, x: int, y: int, width: int, height: int, level: int = 0) -> np.ndarray:
-    """(height, width, 3) uint8 RGB with top-left (x, y) in level-0 pixels; outside or
-    transparent pixels are composited onto white."""
-    rgba = np.asarray(slide.read_region((int(x), int(y)), level, (int(width), int(height))))
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    rgb = (rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
-    return rgb.astype(np.uint8)
-
-
-def list_slides(path: str | os.PathLike) -> list[Path]:
-    """A slide file, or the slide files of a folder (sorted)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise SlideError(f"no slide or folder at {path}")
-    slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
-    if not slides:
-        raise SlideError(f"{path}: no slide files ({', '.join(SLIDE_SUFFIXES)})")
-    return slides
-
-
-class SlideHandles:
-    """Lazily opened slide handles; each data-loader worker gets its own copy of this object
-    (created empty in the parent), so handles are opened once per worker and reused."""
-
-    def __init__(self) -> None:
-        self._open: dict[str, openslide.OpenSlide] = {}
-        self._pid = os.getpid()
-
-    def __call__(self, path: str | os.PathLike) -> openslide.OpenSlide:
-        if os.getpid() != self._pid:  # forked after opening: never share handles across processes
-            self._open, self._pid = {}, os.getpid()
-        key = str(path)
-        if key not in self._open:
-            self._open[key] = open_slide(key)
-        return self._open[key]
-
-    def __getstate__(self):
-        return {"_open": {}, "_pid": -1}
+#: Camelyon16's level-0 µm/px (Radboud scanner); the bundle's ``model.pt`` was trained at it
+CAMELYON16_MPP = 0.243
 
 
 # ============================================================================= patch lists
@@ -245,6 +189,15 @@ def validate_records(records: list[PatchRecord], region: int = REGION, source: s
             problems.append(f"{slide_path}: {len(bad)} centre(s) outside the {width}x{height} slide, e.g. {bad[:3]}")
     if problems:
         raise SlideError(f"{source}: " + "; ".join(problems))
+
+
+def training_mpp(records: list[PatchRecord], declared: float = 0.0) -> tuple[float, str]:
+    """The µm/px the model is trained at, and a note for the log: ``declared`` (> 0) as given, else
+    the level-0 resolution the slides' headers declare (all agree: that value; they differ: the
+    median, with a warning; none declares one: Camelyon16's 0.243)."""
+    if declared > 0:
+        return declared, "set in the configuration"
+    return dataset_mpp((r.slide for r in records), default=CAMELYON16_MPP)
 
 
 # ============================================================================= datasets

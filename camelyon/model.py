@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from common.checkpoint import CheckpointError, LoadReport, extract_state_dict, load_file, load_weights
+from common.backbones import import_backbone
+from common.checkpoint import CheckpointError, extract_state_dict, load_file, load_weights
 
 PATCH = 224
 STRIDE = 32  # total stride of the ResNet18 body
@@ -60,11 +61,15 @@ def torchvision_to_bundle_key(key: str) -> str | None:
     return key
 
 
-def load_imagenet_backbone(model: TumorDetectionNet, path: str | os.PathLike) -> LoadReport:
-    """ImageNet initialisation from a local torchvision ``resnet18-*.pth`` (no download here).
-    Every body weight must match; only the head (``fc``) stays at its random init."""
-    return load_weights(model, path, key_map=torchvision_to_bundle_key,
-                        allow_missing=[r"fc\.weight", r"fc\.bias"])
+def load_imagenet_backbone(model: TumorDetectionNet, path: str | os.PathLike) -> str:
+    """Initialise the body from a resnet18 backbone file: torchvision's ImageNet ``resnet18-*.pth``
+    or anything ``common.backbones.import_backbone`` reads (SimCLR, MoCo, BYOL, DINO, project runs).
+    Every body weight must match; only the head (``fc``) stays at its random init. Returns the
+    import report."""
+    imported = import_backbone(path, "resnet18")
+    load_weights(model, imported.state_dict, key_map=torchvision_to_bundle_key,
+                 allow_missing=[r"fc\.weight", r"fc\.bias"])
+    return imported.report()
 
 
 def load_detector_weights(model: TumorDetectionNet, path: str | os.PathLike) -> dict:

@@ -6,7 +6,9 @@
 
 Tissue mask (bundle rule), on an image at ~64x downsample (level 6 of a Camelyon slide):
 with per-image Otsu thresholds, tissue = (R <= t_R or G <= t_G or B <= t_B) and S > t_S, S being
-the HSV saturation in [0, 1]; a channel whose threshold comes out 0 is skipped.
+the HSV saturation in [0, 1]; a channel whose threshold comes out 0 is skipped. The grid cell is
+64 network pixels: 64 level-0 pixels on a slide at the model's resolution (Camelyon16), 64 * model
+µm/px / slide µm/px level-0 pixels on any other (31.2 on a 0.499 µm/px slide for a 0.243 model).
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ from PIL import Image
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
-from camelyon.dataset import (PatchRecord, list_slides, open_slide, read_ncrf_coords, read_rgb,
-                              validate_records, write_bundle_csv)
+from camelyon.dataset import CAMELYON16_MPP, PatchRecord, read_ncrf_coords, validate_records, write_bundle_csv
 from common.checkpoint import atomic_write
 from common.config import BaseConfig, parse_config
 from common.logging import progress
+from common.wsi import MPP_TOLERANCE, list_slides, open_slide, read_rgb, resolve_scale, slide_mpp
 
 
 @dataclass
@@ -53,15 +55,17 @@ def tissue_mask_from_rgb(rgb: np.ndarray) -> np.ndarray:
     return rgb_fg & (saturation > t_s) if t_s else np.zeros_like(rgb_fg)
 
 
-def slide_thumbnail(slide, downsample: float = 64.0, block: int = 64) -> tuple[np.ndarray, float]:
+def slide_thumbnail(slide, downsample: float = 64.0, block: int = 64,
+                    level_match: float = 0.02) -> tuple[np.ndarray, float]:
     """RGB image of the slide on a ~``downsample`` grid, and the exact level-0 pixels per cell.
 
-    If the slide has a level within 2 % of ``downsample`` (level 6 on Camelyon) that level is read
-    whole, as the bundle does (ratio = its downsample). Otherwise the grid is ceil(size / ds) and
-    each block of cells is read from the best finer level and area-averaged: memory stays bounded
-    whatever the slide size."""
+    If the slide has a level within ``level_match`` (2 %) of ``downsample`` (level 6 on Camelyon)
+    that level is read whole, as the bundle does (ratio = its downsample). Otherwise the grid is
+    ceil(size / ds) and each block of cells is read from the best finer level and area-averaged:
+    memory stays bounded whatever the slide size. ``level_match=0`` always does the latter, so the
+    ratio is exactly ``downsample``."""
     for level, ds in enumerate(slide.level_downsamples):
-        if abs(ds / downsample - 1) < 0.02:
+        if abs(ds / downsample - 1) < level_match:
             w, h = slide.level_dimensions[level]
             return _read_level_whole(slide, level, w, h), float(ds)
     width, height = slide.dimensions
@@ -84,15 +88,26 @@ def _read_level_whole(slide, level: int, w: int, h: int, strip: int = 2048) -> n
     return np.concatenate(rows, axis=0)
 
 
-def compute_tissue_mask(slide_path, downsample: float = 64.0) -> TissueMask:
-    """Tissue mask of a slide; an empty mask (with a warning) when there is no tissue."""
+def compute_tissue_mask(slide_path, downsample: float = 64.0, level_match: float = 0.02) -> TissueMask:
+    """Tissue mask of a slide on a grid of ~``downsample`` level-0 pixels (see ``slide_thumbnail``);
+    an empty mask (with a warning) when there is no tissue."""
     with open_slide(slide_path) as slide:
-        thumb, ratio = slide_thumbnail(slide, downsample)
+        thumb, ratio = slide_thumbnail(slide, downsample, level_match=level_match)
         size = slide.dimensions
     mask = tissue_mask_from_rgb(thumb)
     if not mask.any():
         warnings.warn(f"{slide_path}: no tissue found; the probability map will be empty")
     return TissueMask(mask, ratio, thumb, size)
+
+
+def tissue_mask_at(slide_path, cell: float, scale: float) -> TissueMask:
+    """Tissue mask whose grid cell is ``cell`` network pixels, for a slide whose level 0 has ``scale``
+    pixels per network pixel (``common.wsi.SlideScale``). Scale 1 is the bundle's mask exactly;
+    otherwise the grid is exactly ``cell * scale`` level-0 pixels, never snapped to a pyramid level,
+    so that it stays ``cell`` network pixels (the dense tiling relies on it)."""
+    if scale == 1.0:
+        return compute_tissue_mask(slide_path, cell)
+    return compute_tissue_mask(slide_path, cell * scale, level_match=0.0)
 
 
 def save_tissue_mask(tm: TissueMask, out_dir: Path, stem: str) -> Path:
@@ -130,7 +145,10 @@ class PrepareConfig(BaseConfig):
 
     slides: str = ""
     output_dir: str = "outputs/camelyon_prepare"
-    mask_downsample: float = 64.0
+    mask_downsample: float = 64.0  # grid cell in pixels at model_mpp (64 = level 6 of a Camelyon slide)
+    model_mpp: float = CAMELYON16_MPP  # µm/px the masks are meant for (infer.py's grid for that model)
+    slide_mpp: float = 0.0  # override the slides' header resolution (0: from the header)
+    mpp_tolerance: float = MPP_TOLERANCE  # as infer.py: slides this close to model_mpp keep the bundle's grid
     coords: list[str] = field(default_factory=list)
     image_dir: str = ""
     annotation_dir: str = ""
@@ -141,10 +159,14 @@ class PrepareConfig(BaseConfig):
 def run_tissue_masks(cfg: PrepareConfig) -> None:
     out = Path(cfg.output_dir)
     for slide in progress(list_slides(cfg.slides), desc="tissue masks"):
-        tm = compute_tissue_mask(slide, cfg.mask_downsample)
+        with open_slide(slide) as handle:
+            res = resolve_scale(slide_mpp(handle, str(slide)), cfg.model_mpp, cfg.slide_mpp, cfg.mpp_tolerance,
+                                str(slide))
+        tm = tissue_mask_at(slide, cfg.mask_downsample, res.scale)
         path = save_tissue_mask(tm, out, slide.stem)
         print(f"{slide.name}: {int(tm.mask.sum())} tissue cells of {tm.mask.size} "
-              f"(grid {tm.mask.shape[1]}x{tm.mask.shape[0]}, ratio {tm.ratio:g}) -> {path}")
+              f"(grid {tm.mask.shape[1]}x{tm.mask.shape[0]}, {tm.ratio:g} level-0 px per cell; {res.describe()}) "
+              f"-> {path}")
 
 
 def run_patch_list(cfg: PrepareConfig) -> None:

@@ -1,14 +1,16 @@
 """Train the Camelyon16 patch classifier (MONAI pathology_tumor_detection recipe).
 
-    python camelyon/train.py --data-root /data/camelyon16          # bundle layout + CSVs
+    python camelyon/train.py --data-root /data/camelyon16          # bundle layout + CSVs, ImageNet init
+    python camelyon/train.py --data-root ... --pretrained none      # from scratch (or --pretrained FILE)
     python camelyon/train.py --demo                                 # synthetic slides, ~10 min on CPU
     torchrun --nproc_per_node 8 camelyon/train.py --data-root ...   # DDP (or --hosts a b --gpus-per-node 8)
 
 768-px level-0 regions centred on the list's coordinates are read by the workers; on the device
 each is split 3x3 into 224-px patches with their nine labels, augmented (kornia/torch, per-patch
-parameters from a (seed, rank, step) generator) and classified by ResNet18 + 1x1 conv with
-BCEWithLogits, Novograd lr 1e-3 and a per-epoch cosine over 4 epochs. Validation accuracy every
-epoch; ``best.pt`` keeps the best, ``last.pt`` the latest (auto-resume, also mid-epoch).
+parameters from a (seed, rank, step) generator) and classified by ResNet18 + 1x1 conv, starting
+from torchvision's ImageNet ResNet18 like the bundle, with BCEWithLogits, Novograd lr 1e-3 and a
+per-epoch cosine over 4 epochs. Validation accuracy every epoch; ``best.pt`` keeps the best,
+``last.pt`` the latest (auto-resume, also mid-epoch).
 """
 from __future__ import annotations
 
@@ -22,16 +24,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from camelyon.config import TrainConfig
-from camelyon.dataset import (RegionDataset, eval_transform, read_patch_list, split_grid,
-                              train_transform, validate_records)
+from camelyon.dataset import (RegionDataset, eval_transform, read_patch_list, split_grid, train_transform,
+                              training_mpp, validate_records)
 from camelyon.model import build_model, load_detector_weights, load_imagenet_backbone
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
 from common.checkpoint import atomic_write_text, find_resume, load_training_state, save_training_state_collective
-from common.config import parse_config
+from common.config import exit_on_config_error, parse_config, save_config
 from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
 from common.optim import FunctionScheduler, Novograd, cosine_annealing
+from common.pretrained import apply_initialisation, resolve_initialisation
 
 
 def build_loaders(cfg: TrainConfig, ctx: dist.DistContext):
@@ -47,27 +50,38 @@ def build_loaders(cfg: TrainConfig, ctx: dist.DistContext):
             validate_records(recs, source=str(lists[k]))
     dist.barrier()
     train_ds, valid_ds = RegionDataset(records["train"]), RegionDataset(records["valid"])
-    sampler = dist.make_sampler(train_ds, shuffle=cfg.shuffle, seed=cfg.seed, drop_last=True)
+    # the bundle keeps the last partial batch (DataLoader default); its multi-GPU sampler pads
+    sampler = dist.make_sampler(train_ds, shuffle=cfg.shuffle, seed=cfg.seed, drop_last=False)
     # a private generator: iterator creation must not consume the global RNG (exact resume)
     common = dict(num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
                   persistent_workers=cfg.num_workers > 0, worker_init_fn=dist.worker_init_fn,
                   generator=torch.Generator().manual_seed(cfg.seed + ctx.rank))
-    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **common)
     valid = DataLoader(valid_ds, batch_size=cfg.valid_batch_size or cfg.batch_size,
                        sampler=dist.ShardSampler(len(valid_ds)), **common)
     return train, valid, sampler
 
 
-def build_model_for(cfg: TrainConfig, ctx: dist.DistContext) -> torch.nn.Module:
+def build_model_for(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[torch.nn.Module, str]:
+    """The network with its initial weights (``--pretrained imagenet|none|PATH``, ``--init-checkpoint``)
+    and a one-line record of them. Called before any data is read: a weights file that is missing,
+    cannot be downloaded or does not fit stops the run with one line (common.pretrained)."""
+    init = resolve_initialisation(cfg.pretrained, cfg.init_checkpoint, "resnet18", ctx.local_rank)
     model = build_model()
-    if cfg.pretrained:
-        load_imagenet_backbone(model, cfg.pretrained)
-    if cfg.init_checkpoint:
-        load_detector_weights(model, cfg.init_checkpoint)
+    report = apply_initialisation(init, model, load_imagenet_backbone, load_detector_weights)
+    if init.kind == "file":
+        dist.print0(report)
     model = model.to(ctx.device)
     if cfg.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return model, init.description
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[Novograd, FunctionScheduler]:
+    """Novograd and CosineAnnealingLR(T_max=epochs, eta_min=0), stepped once per epoch (camelyon.md §5)."""
+    optimizer = Novograd(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = FunctionScheduler(optimizer, lambda e: cosine_annealing(e, cfg.epochs, cfg.lr))  # per epoch
+    return optimizer, scheduler
 
 
 def to_patches(regions: torch.Tensor, labels: torch.Tensor, device: torch.device):
@@ -166,15 +180,19 @@ def demo_inference_and_froc(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
+    model, cfg.initialisation = build_model_for(cfg, ctx)  # first: a weights problem stops the run before any data
     if cfg.demo:
         prepare_demo_data(cfg, ctx)
     out = start_run(cfg, "camelyon train", ctx)
+    dist.print0(f"initialisation: {cfg.initialisation}")
     train_loader, valid_loader, sampler = build_loaders(cfg, ctx)
-    model = build_model_for(cfg, ctx)
+    cfg.mpp, mpp_note = training_mpp(train_loader.dataset.records, cfg.mpp)  # the slides' level-0 µm/px
+    dist.print0(f"training resolution: {cfg.mpp:g} µm/px ({mpp_note})")
+    if ctx.is_main:
+        save_config(cfg, out)  # config.json (and every checkpoint's config) records it for infer.py
     ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
         if ctx.distributed else model
-    optimizer = Novograd(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    scheduler = FunctionScheduler(optimizer, lambda e: cosine_annealing(e, cfg.epochs, cfg.lr))  # per epoch
+    optimizer, scheduler = build_optimizer(cfg, model)
     amp = MixedPrecision(ctx.device, cfg.precision)
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
     step, best, start_epoch = 0, -1.0, 0
@@ -219,4 +237,5 @@ def main(cfg: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    dist.launch(main, parse_config(TrainConfig))
+    with exit_on_config_error():
+        dist.launch(main, parse_config(TrainConfig))

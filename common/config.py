@@ -9,6 +9,7 @@ the checkpoint code stores alongside the weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -160,6 +161,17 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None) -> C:
     if callable(validate):
         validate()
     return cfg
+
+
+@contextlib.contextmanager
+def exit_on_config_error():
+    """For ``__main__`` blocks: a :class:`ConfigError` (a flag, value or file the user must fix)
+    ends the program with its message on stderr and exit status 2, without a traceback."""
+    try:
+        yield
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def save_config(cfg: BaseConfig, run_dir: str | os.PathLike) -> Path:

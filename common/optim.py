@@ -171,6 +171,30 @@ def cosine_ramp(step: int, total_steps: int, start: float, end: float) -> float:
     return end - (end - start) * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1))) / 2
 
 
+def patchtcga_steps(batches_per_epoch: int, epochs: float, warmup_epochs: float, cold_epochs: float = 0,
+                    accum: int = 1) -> tuple[int, int, int]:
+    """PatchTCGA's (cold, peak, max) update counts, with its floor divisions:
+    cold = len(loader) * cold_epochs // accum, peak = cold + len(loader) * warmup_epochs // accum,
+    max = len(loader) * epochs // accum."""
+    cold = int(batches_per_epoch * cold_epochs // accum)
+    return cold, cold + int(batches_per_epoch * warmup_epochs // accum), int(batches_per_epoch * epochs // accum)
+
+
+def patchtcga_lr(s: int, base: float, peak: float, cold_steps: int, peak_step: int, max_steps: int,
+                 floor: float = 1e-6) -> float:
+    """PatchTCGA ``GradualWarmupWithCosineLR``: the lr of update ``s``, counted from 1 (the
+    scheduler's ``_step_count``). Update 1 and updates before ``cold_steps`` use the unscaled
+    ``base`` lr; then linear from ``base`` (at ``cold_steps``) to ``peak`` (at ``peak_step``);
+    from ``peak_step`` on ``peak * (1 + cos(pi (s - peak_step) / (max_steps - peak_step))) / 2 + floor``,
+    which is ``floor`` at ``max_steps``, the last update of the planned epochs (later s are held there)."""
+    if s <= 1 or s < cold_steps:
+        return base
+    if s < peak_step:
+        return base + (s - cold_steps) / (peak_step - cold_steps) * (peak - base)
+    s = min(s, max_steps)
+    return peak * (1 + math.cos(math.pi * (s - peak_step) / max(max_steps - peak_step, 1))) / 2 + floor
+
+
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
     """Linear scaling rule lr = base * batch / reference (real division: never rounds to 0)."""
     if global_batch <= 0:
@@ -207,3 +231,12 @@ class FunctionScheduler:
         self.last_step = int(state["last_step"])
         self._apply()
 
+
+def patchtcga_scheduler(optimizer: Optimizer, base_lr: float, peak_lr: float, batches_per_epoch: int, epochs: float,
+                        warmup_epochs: float, cold_epochs: float = 0, accum: int = 1,
+                        floor: float = 1e-6) -> FunctionScheduler:
+    """PatchTCGA's per-update schedule (:func:`patchtcga_lr`) planned over ``epochs`` of
+    ``batches_per_epoch`` loader batches (:func:`patchtcga_steps`), however early the run stops.
+    The scheduler's step counts completed updates, so update s = step + 1."""
+    cold, peak, last = patchtcga_steps(batches_per_epoch, epochs, warmup_epochs, cold_epochs, accum)
+    return FunctionScheduler(optimizer, lambda step: patchtcga_lr(step + 1, base_lr, peak_lr, cold, peak, last, floor))

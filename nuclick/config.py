@@ -8,6 +8,11 @@ from common.config import BaseConfig, ConfigError, default_cache_dir
 from nuclick.model import AXIS_ORDERS, BUNDLE_FEATURES
 
 
+#: µm/px of CoNSeP (40x; nuclick.md does not state it, 0.25 is the usual 40x pixel): the bundle's
+#: ``model.pt`` was trained at it
+CONSEP_MPP = 0.25
+
+
 def demo_root() -> str:
     return str(default_cache_dir("nuclick_demo"))
 
@@ -58,6 +63,7 @@ class TrainConfig(BaseConfig):
     cache: bool = True  # decode every crop once at start-up (the bundle's CacheDataset)
     # initialisation and engineering
     init_checkpoint: str = ""  # start from the bundle's model.pt (axis order "wh") or a project checkpoint
+    mpp: float = CONSEP_MPP  # µm/px of the training crops (CoNSeP 40x); recorded for infer.py's slide reading
     axis_order: str = "hw"  # hw: images as stored; wh: MONAI's transposed layout (set by init_checkpoint)
     channels_last: bool = True  # CUDA only (slower on CPU)
     max_steps_per_epoch: int = 0  # 0 = whole epoch
@@ -110,6 +116,10 @@ class InferConfig(BaseConfig):
     sigma: float = 1.0
     truncated: float = 2.0
     max_region_pixels: int = 64_000_000  # larger images are read around the clicks only
+    # whole-slide images are read at model_mpp (level-0 px per network px = model_mpp / slide_mpp)
+    slide_mpp: float = 0.0  # µm/px of the slide's level 0; 0 = its header (none: assume model_mpp, warn)
+    model_mpp: float = 0.0  # µm/px the network was trained at; 0 = the checkpoint's config, 0.25 for model.pt
+    mpp_tolerance: float = 0.1  # slides this close (relative) to model_mpp are read at level 0 as they are
     channels_last: bool = True
 
     def validate(self) -> None:
@@ -117,6 +127,8 @@ class InferConfig(BaseConfig):
             raise ConfigError(f"axis_order must be empty or one of {AXIS_ORDERS}, got {self.axis_order!r}")
         if self.bb_size < 16 or self.batch_size < 1:
             raise ConfigError("bb_size >= 16 and batch_size >= 1 are required")
+        if self.slide_mpp < 0 or self.model_mpp < 0 or not 0 <= self.mpp_tolerance < 1:
+            raise ConfigError("slide_mpp and model_mpp must be >= 0 (0: automatic), mpp_tolerance in [0, 1)")
 
 
 @dataclass

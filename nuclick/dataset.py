@@ -30,6 +30,7 @@ from skimage.measure import label as label_components
 from torch.utils.data import Dataset
 
 from common import augment as aug
+from common.image import read_image
 from common.logging import progress
 
 OTHERS_VALUE = 255
@@ -37,46 +38,6 @@ ITEM_KEYS = ("image", "label")
 
 
 # ============================================================================= reading
-def to_rgb(array: np.ndarray, source: str = "image") -> np.ndarray:
-    """Any PIL-decoded array -> (H, W, 3) uint8 RGB: grey is replicated, alpha is composited onto
-    white (opaque images are unchanged), 16-bit values are scaled to 8 bits."""
-    a = np.asarray(array)
-    if a.dtype in (np.uint16, np.int32):  # 16-bit PNG/TIFF (PIL "I;16" / "I")
-        wide = a.astype(np.float64)
-        a = np.clip(np.rint(wide / 257.0 if wide.max(initial=0) > 255 else wide), 0, 255).astype(np.uint8)
-    elif a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype != np.uint8:
-        raise ValueError(f"{source}: unsupported pixel type {a.dtype}")
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"{source}: expected a grey, grey+alpha, RGB or RGBA image, got shape {a.shape}")
-    colour = a[..., :1].repeat(3, -1) if a.shape[-1] in (1, 2) else a[..., :3]
-    if a.shape[-1] in (2, 4):
-        alpha = a[..., -1:].astype(np.uint16)
-        if alpha.min() < 255:
-            colour = ((colour.astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
-    return np.ascontiguousarray(colour)
-
-
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file (PNG, JPEG, TIFF ...), see :func:`to_rgb`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            if im.mode == "P":
-                im = im.convert("RGBA")
-            elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGB")
-            array = np.asarray(im)
-    except OSError as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from err
-    return to_rgb(array, str(path))
-
-
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
     """Single-channel uint8 label crop {0, class, 255}."""
     path = Path(path)
@@ -144,7 +105,7 @@ class NucleiDataset(Dataset):
 
     def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         item = self.items[index]
-        image = read_rgb(item["image"])
+        image = read_image(item["image"])
         label = read_label_png(item["label"])
         if image.shape[:2] != label.shape:
             raise ValueError(f"{item['image']}: image {image.shape[:2]} and label {label.shape} "

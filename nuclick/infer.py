@@ -20,11 +20,21 @@ Outputs in ``--output-dir``: ``<stem>_instances.png`` (uint16 ids 1..N, 0 backgr
 nucleus, QuPath-compatible detections, full-image pixel coordinates). Whole-slide images and
 TIFFs that OpenSlide opens are read box by box, never whole; for them the instance map and overlay
 cover the bounding box of all click boxes (its origin is in the GeoJSON's ``properties``).
+
+Slide resolution: a whole-slide image is read so that the network sees its training µm/px
+(``model_mpp``: the checkpoint's config, 0.25 for the bundle's ``model.pt``, CoNSeP being 40x).
+With scale = model_mpp / slide_mpp level-0 pixels per network pixel, clicks (level-0 pixels) are
+mapped to network pixels, the click boxes are read through ``common.wsi.read_rgb_scaled`` and the
+instance map, overlay and polygons are brought back to level-0 pixels. A slide within
+``mpp_tolerance`` of model_mpp is read at level 0 as it is; one without a resolution is assumed to
+be at model_mpp (with a warning) unless ``--slide-mpp`` is given. Decoded images (PNG, JPEG, small
+TIFF) are taken as they are.
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 import uuid
 import warnings
 from pathlib import Path
@@ -39,14 +49,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import dist
 from common.amp import MixedPrecision
-from common.checkpoint import atomic_write, atomic_write_text
+from common.checkpoint import atomic_write, atomic_write_text, load_file
 from common.config import parse_config
+from common.image import read_image
 from common.logging import progress
-from nuclick.config import InferConfig
-from nuclick.dataset import read_rgb, smooth_points, to_rgb
+from common.wsi import (SLIDE_SUFFIXES, SlideError, best_level, open_slide, read_rgb, read_rgb_scaled, recorded_mpp,
+                        resolve_scale, slide_mpp)
+from nuclick.config import CONSEP_MPP, InferConfig
+from nuclick.dataset import smooth_points
 from nuclick.model import load_nuclick_weights
-
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".tif", ".tiff")
 
 
 class ClickError(ValueError):
@@ -146,34 +157,56 @@ def click_boxes(xy: np.ndarray, height: int, width: int, bb: int) -> np.ndarray:
 
 # ============================================================================= image sources
 class ArrayImage:
-    """An image decoded whole (PNG, JPEG, small TIFF)."""
+    """An image decoded whole (PNG, JPEG, small TIFF); its pixels are the network's (scale 1)."""
+
+    scale = 1.0
 
     def __init__(self, rgb: np.ndarray):
         self.rgb = rgb
         self.height, self.width = rgb.shape[:2]
+        self.level0_shape = (self.height, self.width)
 
     def read(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
         return self.rgb[r0:r0 + h, c0:c0 + w]
 
+    def to_network(self, xy: np.ndarray) -> np.ndarray:
+        return xy
+
 
 class SlideImage:
-    """A whole-slide or tiled TIFF read region by region with OpenSlide (level 0)."""
+    """A whole-slide or tiled TIFF read region by region (``common.wsi``) in network pixels, each
+    ``scale`` level-0 pixels (1: level 0 as it is). ``height``/``width`` count the network pixels
+    that lie wholly inside the slide."""
 
-    def __init__(self, path: Path):
-        import openslide
+    def __init__(self, path: Path, scale: float = 1.0):
+        self.path = Path(path)
+        self.slide = open_slide(self.path)
+        w0, h0 = self.slide.dimensions
+        self.level0_shape = (h0, w0)
+        self.set_scale(scale)
 
-        self.path = path
-        self.slide = openslide.OpenSlide(str(path))
-        self.width, self.height = self.slide.dimensions
+    def set_scale(self, scale: float) -> None:
+        self.scale = float(scale)
+        self.height, self.width = int(self.level0_shape[0] / self.scale), int(self.level0_shape[1] / self.scale)
 
     def read(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
-        return to_rgb(np.asarray(self.slide.read_region((int(c0), int(r0)), 0, (int(w), int(h)))), str(self.path))
+        return read_rgb_scaled(self.slide, c0, r0, w, h, self.scale)
+
+    def read_level0(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        return read_rgb(self.slide, c0, r0, w, h)
+
+    def to_network(self, xy: np.ndarray) -> np.ndarray:
+        """Integer level-0 (x, y) -> the network pixel that holds each pixel's centre."""
+        if self.scale == 1.0:
+            return xy
+        net = np.floor((xy + 0.5) / self.scale).astype(np.int64)
+        return np.minimum(net, [self.width - 1, self.height - 1])
 
     def __getstate__(self):  # data-loader workers reopen the slide
-        return {"path": self.path}
+        return {"path": self.path, "scale": self.scale}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], state["scale"])
 
 
 def _tiff_pixels(path: Path) -> int:
@@ -194,10 +227,29 @@ def open_image(path: str | Path, max_pixels: int) -> ArrayImage | SlideImage:
     if suffix in SLIDE_SUFFIXES and (suffix not in (".tif", ".tiff") or _tiff_pixels(path) > max_pixels):
         try:
             return SlideImage(path)
-        except Exception as err:  # openslide raises its own error types
+        except SlideError as err:
             raise ValueError(f"{path}: too large to decode whole and OpenSlide cannot read it ({err}); "
                              "save it as a tiled pyramidal TIFF") from err
-    return ArrayImage(read_rgb(path))
+    return ArrayImage(read_image(path))
+
+
+def model_resolution(checkpoint: str, override: float = 0.0) -> tuple[float, str]:
+    """(µm/px the network was trained at, where that comes from): ``override`` (> 0), else the
+    checkpoint's config, else CoNSeP's (the bundle's ``model.pt`` carries no config)."""
+    if override > 0:
+        return override, "--model-mpp"
+    recorded = recorded_mpp(load_file(checkpoint))
+    return (recorded, "checkpoint config") if recorded else (CONSEP_MPP, "not recorded; CoNSeP's")
+
+
+def use_slide_resolution(image: SlideImage, model_mpp: float, cfg: InferConfig) -> dict:
+    """Set the slide's scale so that the network sees ``model_mpp``; returns what was decided."""
+    res = resolve_scale(slide_mpp(image.slide, str(image.path)), model_mpp, cfg.slide_mpp, cfg.mpp_tolerance,
+                        str(image.path))
+    image.set_scale(res.scale)
+    level = 0 if res.identity else best_level(image.slide, res.scale)
+    return {"slide_mpp": res.slide_mpp, "mpp_source": res.source, "model_mpp": model_mpp, "scale": res.scale,
+            "level": level, "resampling": float(image.slide.level_downsamples[level]) / res.scale}
 
 
 # ============================================================================= patches
@@ -388,18 +440,39 @@ def segment_clicks(model, image, xy: np.ndarray, cfg: InferConfig, device: torch
     return canvas.finalize(), (r0, c0, h, w)
 
 
-def write_outputs(out: Path, stem: str, image, instances: np.ndarray, region, xy: np.ndarray) -> dict[str, Path]:
-    """<stem>_instances.png (16-bit), <stem>_overlay.png and <stem>.geojson, written atomically."""
+def to_level0(instances: np.ndarray, region, scale: float, level0_shape: tuple[int, int]):
+    """An instance map on network pixels ``region`` = (r0, c0, h, w), each ``scale`` level-0 pixels
+    (network pixel u spans level-0 [u * scale, (u + 1) * scale)), and its polygons -> the instance
+    map on the level-0 pixels it covers (each takes the network pixel holding its centre), that
+    level-0 region, and the polygons in level-0 (x, y). Scale 1 changes nothing."""
+    r0, c0, h, w = region
+    polygons = instance_polygons(instances, r0, c0)
+    if scale == 1.0:
+        return instances, region, polygons
+    H0, W0 = level0_shape
+    R0, C0 = math.floor(r0 * scale), math.floor(c0 * scale)
+    R1, C1 = min(math.ceil((r0 + h) * scale), H0), min(math.ceil((c0 + w) * scale), W0)
+    rows = np.clip(np.floor((np.arange(R0, R1) + 0.5) / scale).astype(np.int64) - r0, 0, h - 1)
+    cols = np.clip(np.floor((np.arange(C0, C1) + 0.5) / scale).astype(np.int64) - c0, 0, w - 1)
+    return instances[np.ix_(rows, cols)], (R0, C0, R1 - R0, C1 - C0), [(k, xy * scale) for k, xy in polygons]
+
+
+def write_outputs(out: Path, stem: str, image, instances: np.ndarray, region, xy: np.ndarray,
+                  polygons: list | None = None) -> dict[str, Path]:
+    """<stem>_instances.png (16-bit), <stem>_overlay.png and <stem>.geojson, written atomically; the
+    instance map, its region, the clicks and the polygons (default: traced on the map) are all in the
+    image's level-0 pixels."""
     r0, c0, h, w = region
     out.mkdir(parents=True, exist_ok=True)
     paths = {"instances": out / f"{stem}_instances.png", "overlay": out / f"{stem}_overlay.png",
              "geojson": out / f"{stem}.geojson"}
     _save_png(paths["instances"], Image.fromarray(instances))  # uint16 -> 16-bit greyscale PNG
-    rgb = image.rgb if isinstance(image, ArrayImage) else image.read(r0, c0, h, w)
+    rgb = image.rgb if isinstance(image, ArrayImage) else image.read_level0(r0, c0, h, w)
     _save_png(paths["overlay"], overlay_image(rgb, instances, xy - [c0, r0]))
     owner = instances[xy[:, 1] - r0, xy[:, 0] - c0]
     clicks = {int(k): (int(x), int(y)) for k, (x, y) in zip(owner, xy) if k > 0}
-    features = geojson_features(instance_polygons(instances, r0, c0), clicks, (r0, c0), stem)
+    polygons = instance_polygons(instances, r0, c0) if polygons is None else polygons
+    features = geojson_features(polygons, clicks, (r0, c0), stem)
     atomic_write_text(paths["geojson"], json.dumps(features) + "\n")
     return paths
 
@@ -410,18 +483,27 @@ def run(cfg: InferConfig) -> dict:
     if not cfg.image or not cfg.clicks or not cfg.checkpoint:
         raise SystemExit("infer.py needs --image IMG --clicks FILE --checkpoint FILE")
     image = open_image(cfg.image, cfg.max_region_pixels)
-    xy = usable_clicks(read_clicks(cfg.clicks), image.height, image.width, source=cfg.clicks)
+    resolution = {}
+    if isinstance(image, SlideImage):
+        model_mpp, mpp_from = model_resolution(cfg.checkpoint, cfg.model_mpp)
+        resolution = use_slide_resolution(image, model_mpp, cfg)
+        dist.print0(f"{Path(cfg.image).name}: {resolution['slide_mpp']:g} µm/px ({resolution['mpp_source']}), "
+                    f"model {model_mpp:g} µm/px ({mpp_from}) -> level {resolution['level']}, "
+                    f"resampling x{resolution['resampling']:.4g}")
+    xy = usable_clicks(read_clicks(cfg.clicks), *image.level0_shape, source=cfg.clicks)  # level-0 pixels
     model, info = load_nuclick_weights(cfg.checkpoint, cfg.axis_order or None, ctx.device)
     if cfg.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    instances, region = segment_clicks(model, image, xy, cfg, ctx.device, MixedPrecision(ctx.device, cfg.precision))
-    stem = Path(cfg.image).stem
-    paths = write_outputs(Path(cfg.output_dir), stem, image, instances, region, xy)
+    amp = MixedPrecision(ctx.device, cfg.precision)
+    instances, region = segment_clicks(model, image, image.to_network(xy), cfg, ctx.device, amp)
     n = int(instances.max(initial=0))
+    instances, region, polygons = to_level0(instances, region, image.scale, image.level0_shape)
+    stem = Path(cfg.image).stem
+    paths = write_outputs(Path(cfg.output_dir), stem, image, instances, region, xy, polygons)
     dist.print0(f"{stem}: {len(xy)} clicks -> {n} nuclei ({info['kind']}, axis order {info['axis_order']}); "
                 f"wrote {', '.join(p.name for p in paths.values())} to {cfg.output_dir}")
     return {"image": str(cfg.image), "clicks": int(len(xy)), "n_instances": n, "region": list(region),
-            "checkpoint": info, **{k: str(v) for k, v in paths.items()}}
+            "checkpoint": info, **resolution, **{k: str(v) for k, v in paths.items()}}
 
 
 def main(cfg: InferConfig) -> None:

@@ -37,9 +37,10 @@ from scipy import ndimage as ndi
 
 from common.checkpoint import atomic_write_text
 from common.config import parse_config
+from common.image import read_image
 from common.logging import progress
 from nuclick.config import PrepareConfig
-from nuclick.dataset import OTHERS_VALUE, read_rgb
+from nuclick.dataset import OTHERS_VALUE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MAT_KEYS = ("inst_map", "inst_type", "inst_centroid")
@@ -199,7 +200,7 @@ def nucleus_crop(inst_map: np.ndarray, k: int, class_id: int, row: int, col: int
 def prepare_image(image_path: Path, label_paths: list[Path], out_split: Path, rel_root: Path,
                   cfg: PrepareConfig, budget: int | None = None) -> tuple[list[dict], PrepareStats]:
     """Crops of every usable nucleus of one image; returns the data-list items and counts."""
-    image = read_rgb(image_path)
+    image = read_image(image_path)
     nuclei = read_nuclei(label_paths)
     H, W = nuclei.inst_map.shape
     if image.shape[:2] != (H, W):

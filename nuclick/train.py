@@ -70,6 +70,11 @@ def build_model_for(cfg: TrainConfig, ctx: dist.DistContext) -> torch.nn.Module:
     return model
 
 
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Adam:
+    """Adam at ``cfg.lr`` with torch's defaults otherwise and no schedule (nuclick.md §7)."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
 def train_one_epoch(model, loader, optimizer, amp, ctx, cfg: TrainConfig, run: dict, logger: MetricLogger,
                     save_last) -> dict:
     """One (possibly partial, after a resume) epoch; ``run`` holds epoch, step and steps_per_epoch."""
@@ -156,7 +161,7 @@ def main(cfg: TrainConfig) -> dict:
                 f"{len(train_loader.dataset)} training / {len(valid_loader.dataset)} validation crops")
     ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
         if ctx.distributed else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = build_optimizer(cfg, model)
     amp = MixedPrecision(ctx.device, cfg.precision)
     steps_per_epoch = min(math.ceil(sampler.num_samples / cfg.batch_size), cfg.max_steps_per_epoch or 1 << 62)
     run = {"epoch": 0, "step": 0, "steps_per_epoch": steps_per_epoch}

@@ -1,9 +1,10 @@
 """PCam200 / PCam HDF5 / PTCGA200 readers and the PatchTCGA transforms, run on the device.
 
 Workers only read and decode: every item is ``(uint8 (3, H, W), label)``. On the device
-``train_transform`` does RandomResizedCrop(scale 0.8-1) -> ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8
--> Gaussian blur p 0.5 -> H/V flips -> normalise, with per-sample parameters from an explicit
-generator; ``eval_transform`` does CentreCrop(287) -> Resize(224) -> normalise (PatchTCGA eval).
+``train_transform`` does RandomResizedCrop(scale 0.8-1, antialiased bilinear as PIL's resize)
+-> ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8 -> Gaussian blur p 0.5 -> H/V flips -> normalise, with
+per-sample parameters from an explicit generator; ``eval_transform`` does CentreCrop(287) ->
+Resize(224) -> normalise (PatchTCGA eval).
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
-from common.augment import apply_color_jitter, apply_flip, sample_color_jitter, sample_flags, sample_resized_crop
+from common.augment import (apply_color_jitter, apply_flip, apply_resized_crop, sample_color_jitter, sample_flags,
+                            sample_resized_crop)
+from common.image import read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 PCAM_CLASSES = ("normal", "tumor")  # label 0, 1
@@ -107,13 +109,9 @@ def ptcga_items(root: str | Path, split: str, split_file: str | Path, fold: str 
 
 # ============================================================================= datasets
 def read_rgb(path: str) -> torch.Tensor:
-    """uint8 (3, H, W); a clear error names an unreadable file."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as err:
-        raise OSError(f"{path}: cannot read image ({err})") from err
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    """uint8 (3, H, W) of an image file (``common.image.read_image``: an unreadable file raises an
+    OSError naming it)."""
+    return torch.from_numpy(read_image(path)).permute(2, 0, 1)
 
 
 class PatchDataset(Dataset):
@@ -207,9 +205,9 @@ def train_transform(x: torch.Tensor, gen: torch.Generator, cfg) -> torch.Tensor:
     b, _, h, w = x.shape
     s = cfg.image_size
     boxes = sample_resized_crop(b, h, w, cfg.crop_scale, gen)  # (B, 4)
-    corners = torch.stack([boxes[:, [0, 1]], boxes[:, [2, 1]], boxes[:, [2, 3]], boxes[:, [0, 3]]], 1)  # (B, 4, 2)
-    x = kornia.geometry.transform.crop_and_resize(x.float(), corners.to(x.device, torch.float32), (s, s),
-                                                  mode="bilinear", align_corners=True)
+    # torchvision RandomResizedCrop on PIL images: a PIL bilinear resize, antialiased when it shrinks
+    # (as eval_transform's resize), not point-sampled
+    x = apply_resized_crop(x, boxes, s, "bilinear")
     jitter_on = sample_flags(b, 0.8, gen)
     params = sample_color_jitter(b, *cfg.jitter, gen)
     x = torch.where(jitter_on.to(x.device).view(-1, 1, 1, 1), apply_color_jitter(x, params, 255.0, False), x)

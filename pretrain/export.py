@@ -5,7 +5,7 @@
 
 The file holds torchvision (ResNet) or timm (ViT) key names only — no head, no wrapper — and is
 checked strictly against the architecture inferred from its shapes before it is written
-(atomically). ``pretrain/finetune.py --backbone`` and ``segpanda/train.py --backbone`` load it
+(atomically). ``pretrain/finetune.py --backbone`` and ``segpanda/train.py --pretrained`` load it
 strictly; so does ``torchvision.models.resnet50()`` / ``timm.create_model(name)`` apart from the
 classifier. The exported part is what each method releases: SimCLR's encoder, MoCo's query
 encoder, BYOL's online encoder, DINO's teacher, MAE's encoder (``--prefix`` picks another,

@@ -6,10 +6,12 @@
     torchrun --nproc_per_node 4 pretrain/finetune.py ...     # DDP (or --hosts a b --gpus-per-node 4)
 
 ResNet50 (or a timm ViT) + Dropout(0.4) + Linear, cross-entropy, AdamW (no decay on biases and
-norms), lr 1e-4 x global batch / 512 with 1 warm-up epoch then cosine per update, clip 1.0, AMP,
-stop after 1000 updates. Validation every 200 updates and each epoch (accuracy, balanced accuracy,
-AUC, confusion matrix); ``best.pt`` by validation accuracy, ``last.pt`` (auto-resume, also
-mid-epoch); the test split is evaluated with ``best.pt`` at the end.
+norms), peak lr 1e-4 x global batch / 512; per update: the first at 1e-4, linear to the peak over 1
+epoch, then cosine + 1e-6 planned over the 5 epochs (PatchTCGA's scheduler); clip 1.0, AMP; the run
+stops after 1000 updates. Training crops are antialiased like the evaluation resize. Validation
+every 200 updates and each epoch (accuracy, balanced accuracy, AUC, confusion matrix); ``best.pt``
+by validation accuracy, ``last.pt`` (auto-resume, also mid-epoch); the test split is evaluated with
+``best.pt`` at the end.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from common.checkpoint import (atomic_write_text, find_resume, load_training_sta
 from common.config import parse_config
 from common.logging import MetricLogger, progress, start_run
 from common.metrics.classification import roc_auc
-from common.optim import FunctionScheduler, scaled_lr, split_decay_groups, warmup_cosine
+from common.optim import patchtcga_scheduler, scaled_lr, split_decay_groups
 from pretrain.config import FinetuneConfig
 from pretrain.dataset import build_dataset, eval_transform, train_transform, validate_dataset
 from pretrain.model import assert_unchanged, backbone_snapshot, build_classifier, freeze_backbone, set_train_mode
@@ -53,17 +55,20 @@ def build_loaders(cfg: FinetuneConfig, ctx: dist.DistContext):
     return train, evals, sampler
 
 
-def build_optimizer(model, cfg: FinetuneConfig, steps_per_epoch: int, world_size: int):
+def build_optimizer(cfg: FinetuneConfig, model, steps_per_epoch: int, world_size: int):
+    """AdamW (betas 0.9/0.999, eps 1e-8; no decay on biases and norms) and PatchTCGA's schedule:
+    update 1 at the unscaled lr, linear to the peak lr over ``warmup_epochs``, then cosine + min_lr
+    planned over all ``epochs`` (common.optim.patchtcga_lr). Returns (optimizer, scheduler,
+    last_step): the run stops after ``max_updates`` updates, wherever the cosine then is."""
     if cfg.linear_probe:
         freeze_backbone(model)
     groups = split_decay_groups(model, cfg.weight_decay)  # frozen parameters are skipped
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     peak = scaled_lr(cfg.lr, cfg.batch_size * world_size, cfg.base_batch_size)
+    optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = patchtcga_scheduler(optimizer, cfg.lr, peak, steps_per_epoch, cfg.epochs, cfg.warmup_epochs,
+                                    floor=cfg.min_lr)
     total = steps_per_epoch * cfg.epochs
-    total = min(total, cfg.max_updates) if cfg.max_updates else total
-    warmup = int(round(steps_per_epoch * cfg.warmup_epochs))
-    scheduler = FunctionScheduler(optimizer, lambda s: warmup_cosine(s, total, warmup, peak, final=1e-6))
-    return optimizer, scheduler, total
+    return optimizer, scheduler, min(total, cfg.max_updates) if cfg.max_updates else total
 
 
 def train_step(model, images, labels, optimizer, scheduler, amp, cfg, ctx, step: int) -> float:
@@ -131,7 +136,7 @@ def main(cfg: FinetuneConfig) -> dict:
     if imported is not None:
         dist.print0(f"backbone {cfg.backbone}:\n{imported.report()}")
     steps_per_epoch = len(train_loader)
-    optimizer, scheduler, total = build_optimizer(model, cfg, steps_per_epoch, ctx.world_size)
+    optimizer, scheduler, total = build_optimizer(cfg, model, steps_per_epoch, ctx.world_size)
     frozen = backbone_snapshot(model) if cfg.linear_probe else None
     model = model.to(ctx.device)
     if cfg.channels_last and ctx.device.type == "cuda":

@@ -50,6 +50,7 @@ from torch.utils.data import Dataset, Sampler
 from common.augment import make_generator
 from common.checkpoint import atomic_write_text
 from common.dist import get_rank, get_world_size
+from common.image import decode_image
 from common.logging import progress
 from pretrain.dataset import (ORGAN2ID, PCAM_CLASSES, PCAM_H5_SPLITS, PCamH5, _images_under, image_items,
                               pcam_folder_items, ptcga_items)
@@ -151,19 +152,13 @@ def pcam_h5_source(src: str | Path, split: str) -> PCamH5Source:
 
 
 # ============================================================================= decode check
-def decode_rgb(blob: bytes) -> np.ndarray:
-    """Encoded image bytes -> uint8 (H, W, 3)."""
-    with Image.open(io.BytesIO(blob)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def read_checked(path: str) -> tuple[bytes | None, str]:
     """(file bytes, "") if the file decodes, else (None, reason). Runs in pool workers, so it
     never raises: the caller decides between skipping and failing."""
     try:
         with open(path, "rb") as fh:
             blob = fh.read()
-        decode_rgb(blob)
+        decode_image(blob)
     except Exception as err:  # noqa: BLE001 - any failure to read or decode makes the file unusable
         return None, f"{type(err).__name__}: {err}"
     return blob, ""
@@ -494,11 +489,11 @@ class ShardedImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         blob = self.raw_bytes(i)
         try:
-            rgb = decode_rgb(blob)  # (H, W, 3)
+            rgb = decode_image(blob)  # (H, W, 3)
         except Exception as err:  # noqa: BLE001
             shard, j = self._locate(i)
             raise OSError(f"{self.files[shard]}: item {j} ({self.name(i)}) cannot be decoded ({err})") from err
-        return torch.from_numpy(rgb.copy()).permute(2, 0, 1), int(self.labels[i])
+        return torch.from_numpy(rgb).permute(2, 0, 1), int(self.labels[i])
 
     def close(self) -> None:
         if self._pid == os.getpid():

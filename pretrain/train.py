@@ -166,6 +166,10 @@ def main(cfg: PretrainConfig) -> dict:
     dist.print0(f"{sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6:.2f}M trained parameters; "
                 f"global batch {cfg.batch_size * ctx.world_size * cfg.accum}, peak lr {peak:.4g}, "
                 f"{updates_per_epoch} updates/epoch")
+    if cfg.warmup_epochs >= cfg.epochs:
+        dist.print0(f"note: warm-up {cfg.warmup_epochs:g} epochs >= {cfg.epochs} epochs: the lr rises for the whole "
+                    "run and never decays (MAE's upstream 40 warm-up epochs with PatchTCGA's 40 epochs; "
+                    "pass --epochs above the warm-up for the half-cosine)")
     state = {"step": 0, "epoch": 0, "knn": [], "epoch_loss": []}
 
     def save(epoch: int) -> None:

@@ -18,9 +18,10 @@ def demo_root() -> str:
 
 @dataclass
 class AugmentConfig:
-    """Device augmentation of training crops (PatchTCGA's segPANDA branch, reference §7): random
-    crop, H/V flips replayed on the mask; colour jitter p 0.8 and Gaussian blur p 0.5 on the image
-    only. ``TrainConfig`` inherits these fields, so they are command-line flags too."""
+    """Device augmentation of training crops (PatchTCGA's segPANDA branch, reference §7), in its
+    order: colour jitter p 0.8 and Gaussian blur p 0.5 of the whole tile (image only), then random
+    crop and H/V flips replayed on the mask. ``TrainConfig`` inherits these fields, so they are
+    command-line flags too."""
 
     crop_size: int = 224
     flip_prob: float = 0.5  # horizontal and vertical, each
@@ -66,8 +67,13 @@ class TrainConfig(ModelConfig, AugmentConfig):
 
     output_dir: str = "runs/segpanda"
     data_root: str = "./datasets/segPANDA200"  # <root>/{train,val,test}/<ISUP 0-5>/<slide>/<name>.jpg + _mask.png
-    backbone_weights: str = ""  # any checkpoint common.backbones accepts (ImageNet, SimCLR, MoCo, BYOL, DINO, MAE, runs)
+    # backbone init. imagenet: torchvision <ResNet>_Weights.IMAGENET1K_V1, as PatchTCGA's DeepLabv3 (cached by
+    # torch.hub, downloaded when absent; standard-depth ResNets only, a ViT needs a PATH) | none: random weights |
+    # PATH: any backbone checkpoint common.backbones imports (torchvision/timm, SimCLR, MoCo, BYOL, DINO, MAE, runs)
+    pretrained: str = "imagenet"
     init_checkpoint: str = ""  # whole-model weights: the released segPANDA200 DeepLabv3 .pt or a run's best.pt
+    # (then --pretrained imagenet is skipped: the checkpoint sets the whole network)
+    initialisation: str = ""  # written by the run (config.json, checkpoints): what it started from; not an input
     seed: int = 1234
     # recipe (PatchTCGA config.py; the exact settings of the 69.61 model are unverified)
     epochs: int = 5
@@ -103,7 +109,8 @@ class TrainConfig(ModelConfig, AugmentConfig):
                     backbone_layers=[1, 1, 1, 1], crop_size=96, val_crop_size=0, batch_size=8, lr=2e-3,
                     base_batch_size=8, weight_decay=1e-4, epochs=7, max_updates=0, warmup_epochs=0.5, eval_every=0,
                     num_workers=2, jitter_prob=0.5, brightness=0.1, contrast=0.1, saturation=0.1,
-                    hue=0.02, blur_prob=0.2, blur_sigma=[0.1, 1.0], log_every=10, sw_batch_size=4)
+                    hue=0.02, blur_prob=0.2, blur_sigma=[0.1, 1.0], log_every=10, sw_batch_size=4,
+                    pretrained="none")
 
     def validate(self) -> None:
         super().validate()

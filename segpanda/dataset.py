@@ -6,10 +6,10 @@ Layout (PatchTCGA ``dataset_utils``)::
     <root>/{train,val,test}/<ISUP grade 0-5>/<slide>/<name>.jpg
                                                    /<name>_mask.png   labels in channel 0 (0-5)
 
-Workers only decode: an image is a uint8 (3, H, W) tensor, its mask uint8 (H, W). On the device
-a batch gets one random crop and horizontal/vertical flips replayed exactly on the mask (pure
-indexing, i.e. nearest sampling), then colour jitter and Gaussian blur on the image only, then
-mean/std normalisation.
+Workers only decode: an image is a uint8 (3, H, W) tensor, its mask uint8 (H, W). On the device,
+in PatchTCGA's order, each whole tile gets colour jitter and Gaussian blur (image only), then one
+random crop and horizontal/vertical flips replayed exactly on the mask (pure indexing, i.e. nearest
+sampling), then mean/std normalisation.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.augment import (apply_blur, apply_color_jitter, apply_crop, apply_flip, sample_color_jitter,
-                            sample_crop, sample_flags)
+from common.augment import (apply_blur, apply_color_jitter, apply_crop, apply_flip, blur_kernel_size,
+                            sample_color_jitter, sample_crop, sample_flags)
 from segpanda.config import AugmentConfig
 
 CLASS_NAMES = ("background", "stroma", "benign", "gleason3", "gleason4", "gleason5")
@@ -185,15 +185,21 @@ def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
 def train_transform(images: torch.Tensor, masks: torch.Tensor, params: AugmentParams, cfg: AugmentConfig,
                     mean: list[float], std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (B, 3, H, W) and masks (B, H, W) on the device -> normalised float crops
-    (B, 3, S, S) and int64 targets (B, S, S)."""
-    x = apply_geometry(images, params, cfg.crop_size).float()
-    y = apply_geometry(masks.unsqueeze(1), params, cfg.crop_size)[:, 0].long()
+    (B, 3, S, S) and int64 targets (B, S, S).
+
+    PatchTCGA's order: colour jitter and blur of the whole tile (its PIL transforms), then the
+    random crop and flips (its kornia ops, replayed on the mask). So the contrast/saturation means
+    are the tile's and the blur reaches across the crop border. The blur kernel is fixed by the
+    sigma range (not by the batch's largest sigma), so a sample's blur does not depend on its batch."""
+    x = images.float()
     jit = params.jitter.nonzero().flatten()
     if jit.numel():
         sub = type(params.jitter_params)(*(getattr(params.jitter_params, f)[jit] for f in
                                            ("brightness", "contrast", "saturation", "hue", "order")))
         x[jit.to(x.device)] = apply_color_jitter(x[jit.to(x.device)], sub, bound=255.0)
-    x = apply_blur(x, params.blur, params.sigma).clamp_(0, 255)
+    x = apply_blur(x, params.blur, params.sigma, kernel_size=blur_kernel_size(cfg.blur_sigma[1])).clamp_(0, 255)
+    x = apply_geometry(x, params, cfg.crop_size)
+    y = apply_geometry(masks.unsqueeze(1), params, cfg.crop_size)[:, 0].long()
     return normalize(x, mean, std), y
 
 

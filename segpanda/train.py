@@ -1,14 +1,16 @@
 """Fine-tune a segmentation model on segPANDA200 (PatchTCGA's segPANDA branch).
 
-    python segpanda/train.py --data-root datasets/segPANDA200 --backbone-weights moco_v2_ptcga.pth.tar
-    python segpanda/train.py --model vit_upernet --backbone vit_large_patch16_224 --backbone-weights mae.pth
+    python segpanda/train.py --data-root datasets/segPANDA200                  # ImageNet ResNet50 backbone
+    python segpanda/train.py --data-root datasets/segPANDA200 --pretrained moco_v2_ptcga.pth.tar
+    python segpanda/train.py --model vit_upernet --backbone vit_large_patch16_224 --pretrained mae.pth
     python segpanda/train.py --demo                                       # synthetic tiles, ~10 min on CPU
     torchrun --nproc_per_node 4 segpanda/train.py --data-root ...         # DDP (or --hosts a b --gpus-per-node 4)
 
-Workers decode whole tiles; on the device each batch is randomly cropped and flipped (replayed on
-the mask), colour-jittered and blurred (image only), normalised. Cross-entropy (no ignore index by
-default), AdamW at lr * global_batch / 512, linear warm-up for one epoch then cosine, clip 1.0,
-AMP; the run stops after ``max_updates``. Validation every ``eval_every`` updates and at each epoch
+Workers decode whole tiles; on the device each tile is colour-jittered and blurred (image only),
+then randomly cropped and flipped (replayed on the mask), normalised (PatchTCGA's order). Cross-entropy
+(no ignore index by default), AdamW at lr * global_batch / 512: update 1 at lr, linear to the peak over
+one epoch, then cosine + 1e-6 planned over all epochs (PatchTCGA's scheduler), clip 1.0, AMP; the run
+stops after ``max_updates``. Validation every ``eval_every`` updates and at each epoch
 end; ``best.pt`` keeps the best ``best_metric``, ``last.pt`` the latest (auto-resume, also mid-epoch);
 at the end the test split is evaluated with ``best.pt`` and overlays are written.
 """
@@ -28,9 +30,10 @@ from common.amp import MixedPrecision
 from common.augment import make_generator
 from common.checkpoint import (atomic_write_text, find_resume, load_file, load_training_state,
                                save_training_state_collective)
-from common.config import parse_config
+from common.config import exit_on_config_error, parse_config
 from common.logging import AverageMeter, MetricLogger, progress, start_run
-from common.optim import FunctionScheduler, scaled_lr, split_decay_groups, warmup_cosine
+from common.optim import patchtcga_scheduler, scaled_lr, split_decay_groups
+from common.pretrained import IMAGENET, PretrainedError, apply_initialisation, resolve_initialisation
 from segpanda.config import TrainConfig
 from segpanda.dataset import (SegPandaDataset, find_samples, sample_augment, train_transform,
                               validate_samples)
@@ -55,18 +58,25 @@ def build_train_loader(cfg: TrainConfig, ctx: dist.DistContext):
     return loader, sampler, tuple(tile)
 
 
-def build_model_for(cfg: TrainConfig, ctx: dist.DistContext) -> torch.nn.Module:
+def build_model_for(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[torch.nn.Module, str]:
+    """The network with its initial weights (``--pretrained imagenet|none|PATH`` for the backbone,
+    ``--init-checkpoint`` for the whole model) and a one-line record of them. Called before any data
+    is read: a weights file that is missing, cannot be downloaded or does not fit stops the run with
+    one line (common.pretrained)."""
+    if cfg.pretrained == IMAGENET and cfg.backbone_layers and not cfg.init_checkpoint:
+        raise PretrainedError(f"--pretrained imagenet: backbone {cfg.backbone} with --backbone-layers "
+                              f"{cfg.backbone_layers} is not a standard ResNet; pass --pretrained none or PATH")
+    init = resolve_initialisation(cfg.pretrained, cfg.init_checkpoint, cfg.backbone, ctx.local_rank)
     model = build_model(cfg)
-    if cfg.backbone_weights:
-        dist.print0(load_pretrained_backbone(model, cfg.backbone_weights))
-    if cfg.init_checkpoint:
-        load_segmentation_weights(model, cfg.init_checkpoint)
+    report = apply_initialisation(init, model, load_pretrained_backbone, load_segmentation_weights)
+    if init.kind == "file":
+        dist.print0(report)
     if ctx.distributed and ctx.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
     if cfg.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return model, init.description
 
 
 def segmentation_loss(out: dict[str, torch.Tensor], target: torch.Tensor, cfg: TrainConfig,
@@ -77,6 +87,19 @@ def segmentation_loss(out: dict[str, torch.Tensor], target: torch.Tensor, cfg: T
     if "aux" in out:
         loss = loss + cfg.aux_weight * F.cross_entropy(out["aux"].float(), target, **kw)
     return loss
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int, world_size: int):
+    """AdamW (betas 0.9/0.999, eps 1e-8; no decay on biases and norms) at the peak lr
+    lr * global batch / base_batch_size, with PatchTCGA's schedule (common.optim.patchtcga_lr): update 1
+    at the unscaled lr, linear to the peak over ``warmup_epochs``, cosine + min_lr planned over all
+    ``epochs``. Returns (optimizer, scheduler, last_step): the run stops after ``max_updates``."""
+    peak = scaled_lr(cfg.lr, cfg.batch_size * world_size, cfg.base_batch_size)
+    optimizer = torch.optim.AdamW(split_decay_groups(model, cfg.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = patchtcga_scheduler(optimizer, cfg.lr, peak, steps_per_epoch, cfg.epochs, cfg.warmup_epochs,
+                                    floor=cfg.min_lr)
+    total = steps_per_epoch * cfg.epochs
+    return optimizer, scheduler, min(total, cfg.max_updates) if cfg.max_updates else total
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, amp, ctx, cfg: TrainConfig, epoch: int, step: int,
@@ -125,24 +148,20 @@ def prepare_demo_data(cfg: TrainConfig, ctx: dist.DistContext) -> None:
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
+    model, cfg.initialisation = build_model_for(cfg, ctx)  # first: a weights problem stops the run before any data
     if cfg.demo:
         prepare_demo_data(cfg, ctx)
     out = start_run(cfg, "segpanda train", ctx)
+    dist.print0(f"initialisation: {cfg.initialisation}")
     train_loader, sampler, tile = build_train_loader(cfg, ctx)
     eval_loader = lambda split: make_eval_loader(cfg.data_root, split, cfg.num_classes, cfg.val_crop_size,
                                                  cfg.valid_batch_size or cfg.batch_size, cfg.num_workers, ctx,
                                                  cfg.validate_values)
     valid_loader = eval_loader("val")
-    model = build_model_for(cfg, ctx)
     ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
         if ctx.distributed else model
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
-    total = steps_per_epoch * cfg.epochs
-    last_step = min(total, cfg.max_updates) if cfg.max_updates else total
-    peak = scaled_lr(cfg.lr, cfg.batch_size * ctx.world_size, cfg.base_batch_size)
-    optimizer = torch.optim.AdamW(split_decay_groups(model, cfg.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8)
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = FunctionScheduler(optimizer, lambda s: warmup_cosine(s, total, warmup, peak, cfg.min_lr, cfg.lr))
+    optimizer, scheduler, last_step = build_optimizer(cfg, model, steps_per_epoch, ctx.world_size)
     amp = MixedPrecision(ctx.device, cfg.precision)
     step, best, start_epoch = 0, -1.0, 0
 
@@ -214,4 +233,5 @@ def test_best(cfg: TrainConfig, ctx, model, amp, loader, out: Path, logger: Metr
 
 
 if __name__ == "__main__":
-    dist.launch(main, parse_config(TrainConfig))
+    with exit_on_config_error():
+        dist.launch(main, parse_config(TrainConfig))

@@ -11,8 +11,9 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.io import savemat
 
+from common.image import read_image, to_rgb
 from nuclick.config import PrepareConfig
-from nuclick.dataset import read_rgb, split_label, to_rgb
+from nuclick.dataset import split_label
 from nuclick.prepare import LabelError, crop_start, merge_class, read_mat, run
 
 HGSC = "nuclei/histolytics_hgsc_nest"
@@ -176,6 +177,6 @@ def test_to_rgb_converts_alpha_and_grey(tmp_path):
     assert out[0, 0].tolist() == [100] * 3 and out[0, 1].tolist() == [255] * 3  # transparent -> white
     assert out[1, 0].tolist() == [(100 * 128 + 255 * 127 + 127) // 255] * 3
     Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), mode="LA").save(tmp_path / "la.png")
-    np.testing.assert_array_equal(read_rgb(tmp_path / "la.png")[..., 0], grey)
+    np.testing.assert_array_equal(read_image(tmp_path / "la.png")[..., 0], grey)
     wide = (grey.astype(np.uint16) * 257)
     np.testing.assert_array_equal(to_rgb(wide)[..., 1], grey)

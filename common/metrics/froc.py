@@ -1,18 +1,18 @@
-"""Lesion-level FROC for Camelyon16, with parity to the official challenge script.
+"""Lesion-level FROC for Camelyon16, with parity to the official challenge script and MONAI LesionFROC.
 
 Pure numpy/scipy/skimage; no WSI reader. The functions follow ``Evaluation_FROC.py`` of the
 Camelyon16 challenge (see ``shared/reference/camelyon.md`` §7–9 and ``common.md`` §2):
 
-====================  =====================================================================
-official              here
-====================  =====================================================================
-(participant's NMS)   :func:`nms` (MONAI ``ProbNMS`` / NCRF ``nms.py`` loop), :func:`map_to_level0`
-computeEvaluationMask :func:`evaluation_mask`
-computeITCList        :func:`itc_labels`
-compute_FP_TP_Probs   :func:`slide_fp_tp`
-computeFROC           :func:`froc_curve`
-``np.interp`` in main :func:`froc_score`
-====================  =====================================================================
+====================  ============================  ==============================================
+official              MONAI (monai/apps/pathology)  here
+====================  ============================  ==============================================
+(participant's NMS)   PathologyProbNMS (ProbNMS)    :func:`nms`, :func:`detections_to_level0`
+computeEvaluationMask compute_multi_instance_mask   :func:`evaluation_mask` (+ :func:`monai_tumour_pixels`)
+computeITCList        compute_isolated_tumor_cells  :func:`itc_labels`
+compute_FP_TP_Probs   compute_fp_tp_probs           :func:`slide_fp_tp`
+computeFROC           compute_froc_curve_data       :func:`froc_curve`
+``np.interp`` in main compute_froc_score            :func:`froc_score`
+====================  ============================  ==============================================
 
 Quirks kept on purpose (parity): the NMS threshold is strict; the smallest threshold of the curve is
 dropped (so a 0 sentinel — a missed lesion or an ITC slot — is assumed); TP slots are float32, and
@@ -22,7 +22,9 @@ hole filling; ITC by regionprops major axis length.
 
 Configurations: the official protocol evaluates masks at level 5 (``evaluation_mask(m, 5)``, growth
 threshold 4.82 px, ITC 35.37 px) and counts normal slides' detections as FPs; MONAI ``LesionFROC``
-uses level 6 (``evaluation_mask(m, 6)``: 2.411 px / 17.683 px) and only tumour slides.
+(the bundle's evaluator) uses level 6 (2.411 px / 17.683 px) and only tumour slides. What MONAI does
+differently is here too: :func:`monai_tumour_pixels` (tumour = mask value 1), ``phantom_if_empty``
+in :func:`evaluation_mask`, and :data:`MONAI_TP_THRESHOLD_DTYPE` for :func:`froc_curve`.
 
 Distributed use: each rank builds :class:`SlideResult` objects, rank 0 gathers them and calls
 :func:`compute_froc` once.
@@ -41,6 +43,17 @@ SPACING_UM = 0.243
 GROW_UM = 75.0
 ITC_UM = 275.0
 FP_RATES = (0.25, 0.5, 1, 2, 4, 8)
+
+# MONAI LesionFROC as the bundle runs it (scripts/evaluate_froc.sh: LEVEL=6 SPACING=0.243; ProbNMS
+# defaults of LesionFROC: box 48, threshold 0.5, sigma 0).
+MONAI_LEVEL = 6
+MONAI_NMS_BOX = 48
+MONAI_NMS_THRESHOLD = 0.5
+MONAI_NMS_SIGMA = 0.0
+# MONAI's curve evaluates ``tp_probs >= thresh`` with a float32 array and a NumPy float64 scalar
+# taken from the FP probabilities. NumPy >= 2 compares in float64 (NEP 50); NumPy 1.x compared in
+# float32 (value-based casting). This is whatever the running NumPy does, so MONAI is matched on it.
+MONAI_TP_THRESHOLD_DTYPE = np.result_type(np.zeros(1, np.float32), np.float64(0.5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,29 +157,56 @@ def _pixel_um(level: int, spacing_um: float, pixel_um: float | None) -> float:
     return float(pixel_um) if pixel_um is not None else spacing_um * 2 ** level
 
 
+def growth_threshold_px(level: int = OFFICIAL_LEVEL, spacing_um: float = SPACING_UM,
+                        grow_um: float = GROW_UM, pixel_um: float | None = None) -> float:
+    """EDT threshold in mask pixels: ``grow_um / (pixel_um * 2)`` (4.82 at level 5, 2.411 at level 6)."""
+    return grow_um / (_pixel_um(level, spacing_um, pixel_um) * 2)
+
+
+def itc_threshold_px(level: int = OFFICIAL_LEVEL, spacing_um: float = SPACING_UM,
+                     itc_um: float = ITC_UM, pixel_um: float | None = None) -> float:
+    """ITC major-axis bound in mask pixels: ``itc_um / pixel_um`` (35.37 at level 5, 17.683 at level 6)."""
+    return itc_um / _pixel_um(level, spacing_um, pixel_um)
+
+
+def monai_tumour_pixels(mask_values: np.ndarray) -> np.ndarray:
+    """Tumour pixels as MONAI ``compute_multi_instance_mask`` sees a mask: where ``255 - mask * 255`` is 0.
+
+    On the uint8 values the reader returns, ``v * 255`` wraps to ``256 - v`` for v >= 1, so
+    ``255 - v * 255`` is ``v - 1``: zero only for v == 1. A 0/255 mask therefore has no tumour
+    (255 gives 254, background). Wider integer, float and bool inputs give the same set, so this is
+    ``mask == 1``.
+    """
+    return np.asarray(mask_values) == 1
+
+
 def evaluation_mask(tumour_mask: np.ndarray, level: int = OFFICIAL_LEVEL, spacing_um: float = SPACING_UM,
-                    grow_um: float = GROW_UM, pixel_um: float | None = None) -> np.ndarray:
-    """Official ``computeEvaluationMask`` on a boolean tumour mask.
+                    grow_um: float = GROW_UM, pixel_um: float | None = None,
+                    phantom_if_empty: bool = False) -> np.ndarray:
+    """Official ``computeEvaluationMask`` (= MONAI ``compute_multi_instance_mask``) on a boolean mask.
 
     Steps: Euclidean distance to the nearest tumour pixel (EDT of ``~mask``), keep
-    ``distance < grow_um / (pixel_um * 2)`` (75 µm -> 4.82 px at level 5, 2.411 px at level 6),
+    ``distance <`` :func:`growth_threshold_px` (75 µm -> 4.82 px at level 5, 2.411 px at level 6),
     ``binary_fill_holes``, then ``skimage.measure.label(connectivity=2)`` (8-connectivity).
 
     The mask pixel size is ``pixel_um`` if given, else ``spacing_um * 2**level`` (the official and
     MONAI configurations are ``level=5`` and ``level=6`` with the default spacing).
-    The caller converts its mask to bool (official: channel 0 == 255; MONAI: == 1).
+    The caller converts its mask to bool (official: channel 0 == 255; MONAI:
+    :func:`monai_tumour_pixels`).
 
-    Empty mask: returns all zeros (no lesions). Deviation: SciPy's EDT of an all-nonzero array
-    measures from a virtual point outside the top-left corner, so the official script would create
-    a phantom (ITC-sized) label there.
+    Mask without tumour: by default all zeros (no lesions). With ``phantom_if_empty`` it goes through
+    the EDT like the reference scripts do: SciPy's EDT of an all-nonzero array measures from a
+    virtual point just above the top-left pixel, so a small label appears in that corner (an ITC at
+    levels 5 and 6: detections on it are ignored instead of counted as FPs, and its 0 TP slot is a
+    threshold sentinel). The bundle protocol sets it for parity with MONAI.
 
     Returns:
         int32 label image, labels contiguous 1..max.
     """
     mask = np.asarray(tumour_mask, dtype=bool)
-    if not mask.any():
+    if not mask.any() and not phantom_if_empty:
         return np.zeros(mask.shape, dtype=np.int32)
-    radius_px = grow_um / (_pixel_um(level, spacing_um, pixel_um) * 2)
+    radius_px = growth_threshold_px(level, spacing_um, grow_um, pixel_um)
     grown = ndimage.distance_transform_edt(~mask) < radius_px
     filled = ndimage.binary_fill_holes(grown)
     return measure.label(filled, connectivity=2).astype(np.int32)
@@ -186,7 +226,7 @@ def itc_labels(labels: np.ndarray, level: int = OFFICIAL_LEVEL, spacing_um: floa
     ``itc_um`` = 200 µm ITC diameter + 75 µm growth = 275 (35.37 px at level 5, 17.683 px at
     level 6); ``pixel_um`` defaults to ``spacing_um * 2**level`` as in :func:`evaluation_mask`.
     """
-    threshold_px = itc_um / _pixel_um(level, spacing_um, pixel_um)
+    threshold_px = itc_threshold_px(level, spacing_um, itc_um, pixel_um)
     regions = measure.regionprops(np.asarray(labels))
     return {int(r.label) for r in regions if _major_axis_length(r) < threshold_px}
 
@@ -262,16 +302,17 @@ def _count_at_least(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return len(values) - np.searchsorted(np.sort(values), thresholds, side="left")
 
 
-def froc_curve(fp_probs_all, tp_probs_all, num_targets: int, num_images: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Official ``computeFROC`` on probabilities concatenated over all slides.
+def froc_curve(fp_probs_all, tp_probs_all, num_targets: int, num_images: int,
+               tp_threshold_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Official ``computeFROC`` (= MONAI ``compute_froc_curve_data``) on all slides' probabilities.
 
     ``thresholds = sorted(set(fp ∪ tp))[1:]`` — the smallest value is **dropped** (a 0 sentinel from
     a missed lesion or ITC slot is assumed). For each t: ``#fp >= t`` and ``#tp >= t``; then (0, 0)
-    is appended. FP probabilities are float64; TP slots are float32 and are compared with
-    ``float32(t)``, which is what NumPy does for ``float32_array >= python_float`` in the official
-    script. ``fps = #fp / num_images``; ``sensitivity = #tp / num_targets``, or all zeros when
-    ``num_targets == 0`` (undefined; the official script would produce NaN).
+    is appended. FP probabilities are float64; TP slots are float32 and are compared with ``t`` cast
+    to ``tp_threshold_dtype``: float32 is what NumPy does for ``float32_array >= python_float`` in
+    the official script; MONAI compares with NumPy float64 scalars, see
+    :data:`MONAI_TP_THRESHOLD_DTYPE`. ``fps = #fp / num_images``; ``sensitivity = #tp / num_targets``,
+    or all zeros when ``num_targets == 0`` (undefined; the reference scripts would produce NaN).
 
     Args:
         fp_probs_all: 1-D FP probabilities of all slides.
@@ -288,7 +329,7 @@ def froc_curve(fp_probs_all, tp_probs_all, num_targets: int, num_images: int
     tp = np.asarray(tp_probs_all, dtype=np.float32).reshape(-1)
     thresholds = np.unique(np.concatenate([fp, tp.astype(np.float64)]))[1:]
     n_fp = np.append(_count_at_least(fp, thresholds), 0)
-    n_tp = np.append(_count_at_least(tp, thresholds.astype(np.float32)), 0)
+    n_tp = np.append(_count_at_least(tp.astype(tp_threshold_dtype), thresholds.astype(tp_threshold_dtype)), 0)
     fps = n_fp / float(num_images)
     sens = n_tp / float(num_targets) if num_targets > 0 else np.zeros(len(n_tp))
     return fps, sens
@@ -312,11 +353,13 @@ class SlideResult:
     num_targets: int
 
 
-def compute_froc(slides: Sequence[SlideResult], rates: Sequence[float] = FP_RATES) -> dict:
+def compute_froc(slides: Sequence[SlideResult], rates: Sequence[float] = FP_RATES,
+                 tp_threshold_dtype=np.float32) -> dict:
     """Score a whole evaluation set once: concatenate all slides, :func:`froc_curve`, :func:`froc_score`.
 
-    Every slide (tumour or normal) counts in the FP-rate denominator (official protocol; MONAI's
-    evaluator passes tumour slides only).
+    Every slide passed counts in the FP-rate denominator: the official protocol passes tumour and
+    normal slides, the MONAI/bundle protocol tumour slides only. ``tp_threshold_dtype``: see
+    :func:`froc_curve`.
 
     Returns:
         ``{"froc": float, "sensitivities": {rate: float}, "fps": list, "sensitivity": list,
@@ -327,7 +370,7 @@ def compute_froc(slides: Sequence[SlideResult], rates: Sequence[float] = FP_RATE
     fp = np.concatenate([np.asarray(s.fp_probs, dtype=np.float64).reshape(-1) for s in slides])
     tp = np.concatenate([np.asarray(s.tp_probs, dtype=np.float32).reshape(-1) for s in slides])
     num_targets = int(sum(s.num_targets for s in slides))
-    fps, sens = froc_curve(fp, tp, num_targets, len(slides))
+    fps, sens = froc_curve(fp, tp, num_targets, len(slides), tp_threshold_dtype)
     score, at_rates = froc_score(fps, sens, rates)
     return {"froc": score, "sensitivities": {r: float(v) for r, v in zip(rates, at_rates)},
             "fps": fps.tolist(), "sensitivity": sens.tolist(),
