@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from common.checkpoint import atomic_write_text
+from common.io import atomic_write_text
 
 __all__ = [
     "Annotation",

@@ -75,7 +75,7 @@ def read_bundle_csv(path: Path, image_dir: Path | None, suffix: str = ".tif") ->
 
 def write_bundle_csv(records: list[PatchRecord], path: Path, slide_names: bool = True) -> None:
     """Inverse of ``read_bundle_csv`` (slide stem, x, y, labels column-outer), written atomically."""
-    from common.checkpoint import atomic_write
+    from common.io import atomic_write
 
     def write(fh):
         writer = csv.writer(fh)

@@ -61,7 +61,7 @@ from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 
 from camelyon.annotations import Annotation, points_in_annotation, rasterize, write_asap_xml
-from common.checkpoint import atomic_write_text
+from common.io import atomic_write_text
 from common.config import default_cache_dir
 
 __all__ = [

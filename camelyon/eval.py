@@ -46,7 +46,7 @@ from PIL import Image
 
 from camelyon.config import EvalConfig
 from common import dist
-from common.checkpoint import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
 from common.config import exit_on_config_error, parse_config
 from common.metrics.classification import roc_auc
 from common.metrics.froc import (FP_RATES, MONAI_NMS_BOX, MONAI_NMS_SIGMA, MONAI_NMS_THRESHOLD,

@@ -45,7 +45,8 @@ from camelyon.prepare import TissueMask, tissue_mask_at
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import scale_intensity
-from common.checkpoint import atomic_write, atomic_write_text, load_file
+from common.checkpoint import load_file
+from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
 from common.logging import progress
 from common.metrics.froc import map_to_level0, nms

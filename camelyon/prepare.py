@@ -23,7 +23,7 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
 from camelyon.dataset import CAMELYON16_MPP, PatchRecord, read_ncrf_coords, validate_records, write_bundle_csv
-from common.checkpoint import atomic_write
+from common.io import atomic_write
 from common.config import BaseConfig, parse_config
 from common.logging import progress
 from common.wsi import MPP_TOLERANCE, list_slides, open_slide, read_rgb, resolve_scale, slide_mpp

@@ -30,7 +30,8 @@ from camelyon.model import build_model, load_detector_weights, load_imagenet_bac
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import atomic_write_text, find_resume, load_training_state, save_training_state_collective
+from common.checkpoint import find_resume, load_training_state, save_training_state_collective
+from common.io import atomic_write_text
 from common.config import exit_on_config_error, parse_config, save_config
 from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
 from common.optim import FunctionScheduler, Novograd, cosine_annealing

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, a fixed training-state schema, auto-resume, safe loading, and a
+"""Checkpoints: a fixed training-state schema, auto-resume, safe loading, and a
 loader for foreign checkpoints (released bundles, other codebases) with explicit key maps.
 
 Training-state schema (``save_training_state``)::
@@ -23,7 +23,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,69 +33,11 @@ import torch
 import torch.nn as nn
 
 from common.dist import all_gather_object, barrier, get_rank, get_world_size
+from common.io import atomic_torch_save
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (no race with other threads)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write via ``write(fileobj)`` to a temp file in the same folder, fsync, rename over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a torn file. The file
-    gets the permissions a plain ``open`` would give (0666 minus the umask), not mkstemp's 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda fh: fh.write(text), mode="w")
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 # ----------------------------------------------------------------------------- safe loading

@@ -176,7 +176,7 @@ def exit_on_config_error():
 
 def save_config(cfg: BaseConfig, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config to ``<run_dir>/config.json`` atomically."""
-    from common.checkpoint import atomic_write_text
+    from common.io import atomic_write_text
 
     path = Path(run_dir) / "config.json"
     atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.io import savemat
 
-from common.checkpoint import atomic_write_text
+from common.io import atomic_write_text
 
 VERSION = 1
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from common import dist
 from common.amp import MixedPrecision
-from common.checkpoint import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
 from common.logging import progress
 from common.metrics.dice import DiceAccumulator

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
 from nuclick.config import ExportConfig
 from nuclick.model import BasicUNet, load_nuclick_weights

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from common.checkpoint import atomic_write_text
+from common.io import atomic_write_text
 from common.config import parse_config
 from common.image import read_image
 from common.logging import progress

@@ -15,7 +15,8 @@ import argparse
 import sys
 
 from common.backbones import import_backbone
-from common.checkpoint import CheckpointError, atomic_torch_save
+from common.checkpoint import CheckpointError
+from common.io import atomic_torch_save
 
 
 def convert(checkpoint: str, out: str, arch: str | None = None):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.checkpoint import atomic_write_text
+from common.io import atomic_write_text
 
 SPLITS = {"train": 12, "val": 4, "test": 4}  # cases per class; 40 patches per case
 PER_CASE = 40

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from common import dist
 from common.amp import MixedPrecision
-from common.checkpoint import CheckpointError, atomic_write_text, load_file
+from common.checkpoint import CheckpointError, load_file
+from common.io import atomic_write_text
 from common.config import config_from_dict, parse_config
 from common.metrics.classification import roc_curve
 from pretrain.config import EvalConfig, FinetuneConfig

@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from common.backbones import import_backbone
-from common.checkpoint import CheckpointError, atomic_torch_save, load_file
+from common.checkpoint import CheckpointError, load_file
+from common.io import atomic_torch_save
 
 
 def export_backbone(source: str | Path, out: str | Path, prefix: str = "") -> dict:

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Subset
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import (atomic_write_text, find_resume, load_training_state,
-                               save_training_state_collective)
+from common.checkpoint import find_resume, load_training_state, save_training_state_collective
+from common.io import atomic_write_text
 from common.config import parse_config
 from common.logging import MetricLogger, progress, start_run
 from common.metrics.classification import roc_auc

@@ -48,7 +48,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from common.augment import make_generator
-from common.checkpoint import atomic_write_text
+from common.io import atomic_write_text
 from common.dist import get_rank, get_world_size
 from common.image import decode_image
 from common.logging import progress

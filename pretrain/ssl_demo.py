@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from common.checkpoint import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
 from pretrain.dataset import ORGAN2ID, load_split_file
 
 MARKER = ".complete"

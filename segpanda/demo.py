@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.checkpoint import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
 
 MARKER = ".complete"
 # base RGB per class and (texture period px, texture strength, nuclear density)

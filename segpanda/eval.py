@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from common import dist
 from common.amp import MixedPrecision
-from common.checkpoint import atomic_write, atomic_write_text, load_file
+from common.checkpoint import load_file
+from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
 from common.logging import progress
 from common.metrics.miou import ConfusionMatrix

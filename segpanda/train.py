@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import (atomic_write_text, find_resume, load_file, load_training_state,
-                               save_training_state_collective)
+from common.checkpoint import find_resume, load_file, load_training_state, save_training_state_collective
+from common.io import atomic_write_text
 from common.config import exit_on_config_error, parse_config
 from common.logging import AverageMeter, MetricLogger, progress, start_run
 from common.optim import patchtcga_scheduler, scaled_lr, split_decay_groups

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from common import dist
-from common.checkpoint import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
 from common.logging import progress
 from spleen.transforms import (HU_RANGE, PIXDIM, Geometry, VolumeError, check_same_grid, is_nifti, nifti_stem,
                                open_nifti, preprocess_image, preprocess_label, read_volume)

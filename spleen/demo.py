@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common.checkpoint import atomic_write_text
+from common.io import atomic_write_text
 
 DEMO_VERSION = 3
 FOV_MM = (200.0, 200.0, 132.0)  # x, y, z extent of every case

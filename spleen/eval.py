@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from common.checkpoint import atomic_write_text
+from common.io import atomic_write_text
 from common.config import parse_config
 from spleen.config import EvalConfig
 from spleen.dataset import list_nifti

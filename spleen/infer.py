@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from common import dist
 from common.amp import MixedPrecision
-from common.checkpoint import atomic_write, atomic_write_text
+from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
 from spleen.config import InferConfig
 from spleen.dataset import list_nifti

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator, sample_flags
-from common.checkpoint import (atomic_torch_save, atomic_write_text, find_resume, load_training_state,
-                               save_training_state_collective)
+from common.checkpoint import find_resume, load_training_state, save_training_state_collective
+from common.io import atomic_torch_save, atomic_write_text
 from common.config import parse_config
 from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
 from common.metrics.dice import DiceAccumulator

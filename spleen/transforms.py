@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations as nio
 
-from common.checkpoint import atomic_write
+from common.io import atomic_write
 
 PIXDIM = (1.5, 1.5, 2.0)
 HU_RANGE = (-57.0, 164.0)

@@ -16,9 +16,8 @@ import torch.nn as nn
 
 from common import dist
 from common.amp import MixedPrecision
-from common.checkpoint import (CheckpointError, apply_key_map, atomic_torch_save, atomic_write, extract_state_dict,
-                               find_resume, gather_rng_states, load_file, load_training_state, load_weights,
-                               rng_state, save_training_state, set_rng_state, unwrap_model)
+from common.checkpoint import (CheckpointError, apply_key_map, extract_state_dict, find_resume, gather_rng_states, load_file, load_training_state, load_weights, rng_state, save_training_state, set_rng_state, unwrap_model)
+from common.io import atomic_torch_save, atomic_write
 from common.optim import FunctionScheduler, Novograd, warmup_cosine
 from common_testutils import REPO_ROOT, finish, kill_group, run_workers, start, wait_for
 
