@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from common.errors import UserError
 from common.io import atomic_write_text
 
 __all__ = [
@@ -71,7 +72,7 @@ _POLYGON_TYPES = frozenset({"polygon", "spline", "rectangle"})
 _MAX_PAIRS = 20_000_000  # cap on (edge, point) pairs held in memory at once
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """An annotation file is readable but holds no usable polygons."""
 
 

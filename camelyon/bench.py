@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import pickle
 import resource
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 
 from common.config import BaseConfig, parse_config
+from common.errors import exit_on_user_error
+from common.wsi import open_slide
 
 
 @dataclass
@@ -31,9 +34,9 @@ class BenchConfig(BaseConfig):
     slide: str = ""  # default: the first demo test slide (generated if needed)
     cells: int = 32  # side of the block of grid cells processed by every mode
     naive_cells: int = 64  # the naive loop is slow: time this many cells and extrapolate the rate
-    batch_size: int = 64
+    batch_size: int = 64  # patches per batch of the patch-mode and batched-forward timings
     num_workers: int = 2
-    repeats: int = 1
+    repeats: int = 1  # timed runs per mode (averaged)
     checkpoint: str = ""  # with a trained checkpoint: also measure dense vs patch agreement on the whole slide
 
 
@@ -121,13 +124,28 @@ def _run_mode(mode: str, cfg: BenchConfig, queue) -> None:
     queue.put(result)
 
 
+def _run_mode_or_report(mode: str, cfg: BenchConfig, queue) -> None:
+    """``_run_mode`` in the child; its error goes through the queue, so the parent does not wait forever."""
+    try:
+        _run_mode(mode, cfg, queue)
+    except Exception as err:
+        try:
+            pickle.dumps(err)
+        except Exception:  # an exception that cannot travel: its text does
+            err = RuntimeError(f"{type(err).__name__}: {err}")
+        queue.put(err)
+
+
 def run_isolated(mode: str, cfg: BenchConfig) -> dict:
+    """One timing in a forked process (its own peak-memory counters); an error there is raised here."""
     ctx = mp.get_context("fork")  # spawn would also spawn the data-loader workers (seconds of start-up per call)
     queue = ctx.Queue()
-    proc = ctx.Process(target=_run_mode, args=(mode, cfg, queue))
+    proc = ctx.Process(target=_run_mode_or_report, args=(mode, cfg, queue))
     proc.start()
     result = queue.get()
     proc.join()
+    if isinstance(result, BaseException):
+        raise result
     return result
 
 
@@ -168,6 +186,8 @@ def main(cfg: BenchConfig) -> dict:
 
         layout = make_demo(Path(demo_root()))
         cfg.slide = str(sorted(layout.test_images.glob("*.tif"))[0])
+    with open_slide(cfg.slide):  # a missing or unreadable slide stops here, before any timing process starts
+        pass
     print(f"slide {cfg.slide}, block of {cfg.cells}x{cfg.cells} cells, device {cfg.device}, "
           f"torch threads {torch.get_num_threads()}")
     results = {m: run_isolated(m, cfg) for m in ("naive", "patch", "dense", "forward_patch", "forward_dense")}
@@ -191,4 +211,5 @@ def main(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(BenchConfig))
+    with exit_on_user_error():
+        main(parse_config(BenchConfig))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from common.config import BaseConfig, ConfigError, default_cache_dir
 
@@ -16,15 +17,15 @@ class AugmentConfig:
     """The bundle's training transforms, applied per 224 patch in this order: ColorJitter
     (uint8 semantics, random order), flip of both axes, rot90, zoom, scaling to [-1, 1]."""
 
-    brightness: float = 0.25
-    contrast: float = 0.75
-    saturation: float = 0.25
-    hue: float = 0.04
-    flip_prob: float = 0.5
-    rot90_prob: float = 0.5
-    zoom_prob: float = 0.5
-    zoom_min: float = 0.9
-    zoom_max: float = 1.1
+    brightness: float = 0.25  # ColorJitter brightness factor range 1 +- brightness
+    contrast: float = 0.75  # ColorJitter contrast factor range 1 +- contrast
+    saturation: float = 0.25  # ColorJitter saturation factor range 1 +- saturation
+    hue: float = 0.04  # ColorJitter hue shift range +- hue (fraction of the colour circle)
+    flip_prob: float = 0.5  # probability of flipping both axes of a patch
+    rot90_prob: float = 0.5  # probability of a rot90 by 1, 2 or 3 quarter turns
+    zoom_prob: float = 0.5  # probability of a zoom
+    zoom_min: float = 0.9  # smallest zoom factor
+    zoom_max: float = 1.1  # largest zoom factor
 
 
 @dataclass
@@ -34,42 +35,42 @@ class TrainConfig(AugmentConfig, BaseConfig):
     output_dir: str = "runs/camelyon"
     data_root: str = "/workspace/data/medical/pathology"  # the bundle's dataset_dir
     train_list: str = ""  # default <data_root>/training.csv  (.csv bundle | .txt NCRF | .json)
-    valid_list: str = ""  # default <data_root>/validation.csv
+    val_list: str = ""  # default <data_root>/validation.csv
     image_dir: str = ""  # default <data_root>/training/images
     annotation_dir: str = ""  # needed for NCRF .txt lists (grid labels from the polygons)
-    slide_suffix: str = ".tif"
-    # µm/px of the training slides' level 0 (what the model learns); 0 = read from the slides' headers at
-    # start-up (they differ: the median, with a warning; none declares one: Camelyon16's 0.243)
-    mpp: float = 0.0
+    slide_suffix: str = ".tif"  # file name ending of the slides in image_dir
+    # 0: the slides' headers are read at start-up (they differ: the median, with a warning; none declares one:
+    # Camelyon16's 0.243)
+    mpp: float = 0.0  # µm/px of the training slides' level 0 (what the model learns); 0 = from the headers
     # recipe
-    epochs: int = 4
+    epochs: int = 4  # passes over the training list
     batch_size: int = 128  # regions per process and step (x9 patches)
     lr: float = 1e-3  # Novograd, cosine over `epochs` stepped per epoch
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # Novograd's two moment decay rates
+    weight_decay: float = 0.0  # Novograd weight decay
     seed: int = 15
     shuffle: bool = True  # the bundle's multi-GPU config shuffles; its single-GPU config does not
     num_workers: int = 8
     # initialisation
     # imagenet: torchvision ResNet18_Weights.IMAGENET1K_V1 (the bundle's start; cached by torch.hub, downloaded
     # when absent) | none: random weights | PATH: a resnet18 backbone file (torchvision, SimCLR, MoCo, ...)
-    pretrained: str = "imagenet"
+    pretrained: str = "imagenet"  # backbone initialisation: imagenet | none | PATH of a resnet18 backbone file
     init_checkpoint: str = ""  # whole model: a bundle model.pt or a project checkpoint (--pretrained imagenet skipped)
     initialisation: str = ""  # written by the run (config.json, checkpoints): what it started from; not an input
     # engineering
     channels_last: bool = True  # used on CUDA (on CPU it does not pay off)
     max_steps_per_epoch: int = 0  # 0 = whole epoch
-    max_valid_regions: int = 0  # 0 = whole validation list
+    max_val_regions: int = 0  # 0 = whole validation list
     checkpoint_every: int = 0  # also save last.pt every N steps (0: at epoch ends only)
-    log_every: int = 10
-    valid_batch_size: int = 0  # regions per validation batch (0: batch_size)
-    # demo: synthetic slides, then whole-slide inference + FROC on the demo test set
-    demo: bool = False
+    log_every: int = 10  # steps between progress and metrics lines
+    val_batch_size: int = 0  # regions per validation batch (0: batch_size)
+    demo: bool = False  # synthetic slides, small settings, then whole-slide inference + FROC on the demo test set
+    demo_slide_size: list[int] = field(default_factory=lambda: [6144, 8192])  # demo slides' level-0 height, width
 
     @classmethod
     def demo_preset(cls) -> dict:
         root = demo_root()
-        return dict(data_root=root, train_list=f"{root}/training.csv", valid_list=f"{root}/validation.csv",
+        return dict(data_root=root, train_list=f"{root}/training.csv", val_list=f"{root}/validation.csv",
                     image_dir=f"{root}/training/images", output_dir="runs/camelyon_demo",
                     epochs=2, batch_size=4, max_steps_per_epoch=30, num_workers=2, seed=0,
                     checkpoint_every=10, log_every=5, pretrained="none")
@@ -88,7 +89,7 @@ class InferConfig(BaseConfig):
     slides: str = ""  # a slide file or a folder of slides
     checkpoint: str = ""  # project checkpoint or the bundle's model.pt
     output_dir: str = "outputs/camelyon"
-    mode: str = "dense"  # dense (fully convolutional tiles) | patch (bundle: one 224 patch per cell)
+    mode: Literal["dense", "patch"] = "dense"  # dense: fully convolutional tiles | patch: 224 patch per cell (bundle)
     mask_downsample: float = 64.0  # tissue-mask grid cell in network pixels (level 6 of a Camelyon slide)
     tile_cells: int = 32  # dense: cells per tile side (tile = 224 + 64 * (n - 1) network px)
     # resolution: the network sees each slide at model_mpp (level-0 px per network px = model_mpp / slide_mpp)
@@ -97,19 +98,14 @@ class InferConfig(BaseConfig):
     mpp_tolerance: float = 0.1  # slides this close (relative) to model_mpp are read at level 0 as they are
     batch_size: int = 400  # patch mode: patches per batch (bundle: 400)
     num_workers: int = 4
-    nms_threshold: float = 0.5
-    nms_box: int = 48
-    nms_sigma: float = 0.0
-    export: list[str] = field(default_factory=list)  # geojson | asap
+    nms_threshold: float = 0.5  # lesion candidates: map cells above this probability
+    nms_box: int = 48  # NMS suppression box side in map cells
+    nms_sigma: float = 0.0  # Gaussian smoothing of the map before NMS (0: none; NCRF smooths)
+    export: list[Literal["geojson", "asap"]] = field(default_factory=list)  # lesion files for QuPath / ASAP
     contours: bool = False  # also export contour polygons of the thresholded map
-    channels_last: bool = True
+    channels_last: bool = True  # channels-last memory format on CUDA
 
     def validate(self) -> None:
-        if self.mode not in ("dense", "patch"):
-            raise ValueError(f"--mode must be dense or patch, got {self.mode!r}")
-        unknown = set(self.export) - {"geojson", "asap"}
-        if unknown:
-            raise ValueError(f"--export accepts geojson and asap, got {sorted(unknown)}")
         if self.slide_mpp < 0 or self.model_mpp < 0 or not 0 <= self.mpp_tolerance < 1:
             raise ValueError("--slide-mpp and --model-mpp must be >= 0 (0: automatic), --mpp-tolerance in [0, 1)")
 
@@ -121,7 +117,7 @@ class EvalConfig(BaseConfig):
     # official: Evaluation_FROC.py (level 5, <slide>.csv detections, normal slides add FPs) -- compare
     #   with NCRF and the challenge. bundle: MONAI LesionFROC as the bundle ran it for its 0.72 (level 6,
     #   <slide>.npy maps -> NMS, 0/1 masks, only slides with a <slide>.tif mask count).
-    protocol: str = "official"  # official | bundle
+    protocol: Literal["official", "bundle"] = "official"  # official: the challenge's script | bundle: MONAI LesionFROC
     detections: str = ""  # folder of <slide>.csv (probability,X,Y) and/or <slide>.npy maps (bundle)
     ground_truth: str = ""  # folder of <slide>.tif masks or <slide>.xml/.json annotations (official)
     output_dir: str = "outputs/camelyon_eval"
@@ -130,11 +126,11 @@ class EvalConfig(BaseConfig):
     slides: str = ""  # optional slide folder: level-0 sizes for annotation ground truth
     stem_chars: int = 0  # 8 reproduces the official script's name matching (first 8 characters)
     # patch-level accuracy instead of FROC
-    patch_list: str = ""
-    image_dir: str = ""
-    annotation_dir: str = ""
-    checkpoint: str = ""
-    batch_size: int = 32
+    patch_list: str = ""  # a validation patch list (.csv bundle | .txt NCRF | .json): patch accuracy, no FROC
+    image_dir: str = ""  # patch accuracy: folder of the slides
+    annotation_dir: str = ""  # patch accuracy: annotations for NCRF .txt lists
+    checkpoint: str = ""  # patch accuracy: the model to evaluate
+    batch_size: int = 32  # patch accuracy: regions per batch
 
     def mask_level(self) -> int:
         """The evaluation mask level: ``level`` if set, else 5 (official) or 6 (bundle)."""
@@ -143,8 +139,6 @@ class EvalConfig(BaseConfig):
         return 6 if self.protocol == "bundle" else 5
 
     def validate(self) -> None:
-        if self.protocol not in ("official", "bundle"):
-            raise ConfigError(f"--protocol must be official or bundle, got {self.protocol!r}")
         if self.level < -1:
             raise ConfigError(f"--level must be >= 0 (or -1 for the protocol's level), got {self.level}")
         if self.protocol == "bundle" and self.stem_chars:

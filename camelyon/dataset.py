@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from camelyon.config import AugmentConfig
 from common import augment as aug
+from common.errors import DataError
 from common.wsi import SLIDE_SUFFIXES, SlideError, SlideHandles, dataset_mpp, open_slide, read_rgb
 
 REGION = 768
@@ -62,12 +63,12 @@ def read_bundle_csv(path: Path, image_dir: Path | None, suffix: str = ".tif") ->
             if not row:
                 continue
             if len(row) != 12:
-                raise ValueError(f"{path}:{lineno}: expected 12 columns (slide,x,y,9 labels), got {len(row)}")
+                raise DataError(f"{path}:{lineno}: expected 12 columns (slide,x,y,9 labels), got {len(row)}")
             try:
                 x, y = int(float(row[1])), int(float(row[2]))
                 stored = [float(v) for v in row[3:12]]
             except ValueError as err:
-                raise ValueError(f"{path}:{lineno}: not a number ({err})") from err
+                raise DataError(f"{path}:{lineno}: not a number ({err})") from err
             labels = tuple(stored[r + 3 * c] for r in range(GRID) for c in range(GRID))
             records.append(PatchRecord(_resolve_slide(row[0].strip(), image_dir, suffix), x, y, labels))
     return records
@@ -101,7 +102,7 @@ def read_ncrf_coords(path: Path, image_dir: Path | None, annotation_dir: Path | 
             if not row:
                 continue
             if len(row) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 'slide,x,y', got {row}")
+                raise DataError(f"{path}:{lineno}: expected 'slide,x,y', got {row}")
             rows.append((row[0].strip().lower(), int(float(row[1])), int(float(row[2]))))
     records: list[PatchRecord] = []
     by_slide: dict[str, list[tuple[int, int]]] = {}
@@ -130,16 +131,16 @@ def read_json_list(path: Path, image_dir: Path | None, key: str = "training", su
     data = json.loads(Path(path).read_text())
     items = data.get(key) if isinstance(data, dict) else data
     if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a list under {key!r}")
+        raise DataError(f"{path}: expected a list under {key!r}")
     records = []
     for i, item in enumerate(items):
         try:
             row, col = item["location"]
             labels = tuple(float(v) for v in np.asarray(item["label"], dtype=np.float64).reshape(-1))
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: item {i} needs 'image', 'location' [row, col] and 9 labels ({err})") from err
+            raise DataError(f"{path}: item {i} needs 'image', 'location' [row, col] and 9 labels ({err})") from err
         if len(labels) != 9:
-            raise ValueError(f"{path}: item {i} has {len(labels)} labels, expected 9")
+            raise DataError(f"{path}: item {i} has {len(labels)} labels, expected 9")
         records.append(PatchRecord(_resolve_slide(item["image"], image_dir, suffix), int(col), int(row), labels))
     return records
 
@@ -150,7 +151,7 @@ def read_patch_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
     """Read any supported patch list (by suffix: .csv bundle, .txt NCRF, .json data list)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"patch list not found: {path}")
+        raise FileNotFoundError(f"{path}: patch list not found")
     image_dir = Path(image_dir) if image_dir else None
     if path.suffix.lower() == ".csv":
         records = read_bundle_csv(path, image_dir, suffix)
@@ -159,9 +160,9 @@ def read_patch_list(path: str | os.PathLike, image_dir: str | os.PathLike | None
     elif path.suffix.lower() == ".json":
         records = read_json_list(path, image_dir, json_key, suffix)
     else:
-        raise ValueError(f"{path}: unknown patch-list format (use .csv, .txt or .json)")
+        raise DataError(f"{path}: unknown patch-list format (use .csv, .txt or .json)")
     if not records:
-        raise ValueError(f"{path}: the patch list is empty")
+        raise DataError(f"{path}: the patch list is empty")
     return records
 
 

@@ -15,13 +15,13 @@ pipeline use a small synthetic set that exercises exactly the same readers:
 
 Layout under ``root`` (mirrors Camelyon16 + NCRF + the MONAI bundle)::
 
-    training/images/{tumor_001..., normal_001...}.tif   train then valid slides
+    training/images/{tumor_001..., normal_001...}.tif   train then val slides
     training/annotations/tumor_XXX.xml
     testing/images/test_00N.tif
     testing/ground_truths/test_00N.tif                 tumour test slides only
     testing/annotations/test_00N.xml                   tumour test slides only
     coords/{tumor_train,normal_train,tumor_valid,normal_valid}.txt
-    .complete                                          JSON parameters, written last
+    .complete                                          manifest: generator, parameters, key (common.cache)
 
 Appearance: a near-white background; tissue is a few large irregular blobs of
 pink (eosin) stroma with sparse small purple nuclei; lesions are smooth
@@ -40,37 +40,33 @@ cores (~30 CPU-seconds); see :func:`make_demo`.
 
 from __future__ import annotations
 
-import argparse
-import fcntl
-import json
 import math
 import os
-import re
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import tifffile
 from scipy import ndimage as ndi
 from skimage.draw import polygon as draw_polygon
 
 from camelyon.annotations import Annotation, points_in_annotation, rasterize, write_asap_xml
+from camelyon.config import TrainConfig
+from common import dist
+from common.cache import build_once
+from common.config import ArgumentParser, default_cache_dir
+from common.errors import exit_on_user_error
 from common.io import atomic_write_text
-from common.config import default_cache_dir
+from common.pyramidal_tiff import write_pyramidal_tiff
 
 __all__ = [
     "DemoLayout",
     "MPP",
     "demo_cache_root",
-    "downsample2",
     "make_demo",
-    "write_pyramidal_tiff",
+    "prepare_demo",
     "main",
 ]
 
@@ -79,9 +75,10 @@ MPP = 0.243
 #: Side of the NCRF / bundle training region centred on each coordinate.
 REGION = 768
 _HALF = REGION // 2
+#: This repo's split names -> the split names of NCRF's coordinate files (``coords/tumor_valid.txt``).
+NCRF_SPLITS = {"train": "train", "val": "valid"}
 #: Bumped whenever the generated content changes, so stale caches regenerate.
 DEMO_VERSION = 1
-_MARKER = ".complete"
 
 # Colours (RGB) of the synthetic stains.
 _BACKGROUND = np.array([241.0, 240.0, 242.0], np.float32)
@@ -105,119 +102,6 @@ def demo_cache_root() -> Path:
 
 
 # ----------------------------------------------------------------------------
-# Pyramidal TIFF writer
-# ----------------------------------------------------------------------------
-
-def downsample2(a: np.ndarray, resample: str = "area") -> np.ndarray:
-    """Halve a uint8 image (H, W) or (H, W, C); odd sides are edge-padded first.
-
-    ``"area"``: rounded mean of each 2x2 block.  ``"majority"``: for binary
-    images (0 and one other value v), v where at least 2 of the 4 block pixels
-    are nonzero, else 0, so the values stay exactly binary.
-    """
-    if a.dtype != np.uint8:
-        raise TypeError(f"expected uint8, got {a.dtype}")
-    h, w = a.shape[:2]
-    if h % 2 or w % 2:
-        a = np.pad(a, [(0, h % 2), (0, w % 2)] + [(0, 0)] * (a.ndim - 2), mode="edge")
-    q = (a[0::2, 0::2], a[1::2, 0::2], a[0::2, 1::2], a[1::2, 1::2])
-    if resample == "area":
-        s = q[0].astype(np.uint16)
-        for b in q[1:]:
-            s += b
-        s += 2
-        s >>= 2
-        return s.astype(np.uint8)
-    if resample == "majority":
-        value = a.max()
-        count = (q[0] != 0).view(np.uint8).copy()
-        for b in q[1:]:
-            count += b != 0
-        return np.where(count >= 2, value, 0).astype(np.uint8)
-    raise ValueError(f"unknown resample {resample!r} (expected 'area' or 'majority')")
-
-
-def _pyramid(image: np.ndarray, min_size: int, min_levels: int, resample: str) -> list[np.ndarray]:
-    """Level list: halve while the smaller side stays >= min_size, or until min_levels exist."""
-    levels = [image]
-    while True:
-        h, w = levels[-1].shape[:2]
-        nh, nw = (h + 1) // 2, (w + 1) // 2
-        if h == 1 and w == 1:
-            break
-        if min(nh, nw) < min_size and len(levels) >= min_levels:
-            break
-        levels.append(downsample2(levels[-1], resample))
-    return levels
-
-
-def write_pyramidal_tiff(path: str | os.PathLike, image: np.ndarray, tile: int = 256, mpp: float = MPP,
-                         compression: str | None = "auto", min_size: int = 64, min_levels: int = 7,
-                         quality: int = 85, resample: str | None = None,
-                         maxworkers: int | None = None) -> list[tuple[int, int]]:
-    """Write ``image`` as a tiled pyramidal TIFF that OpenSlide opens as ``generic-tiff``.
-
-    Parameters
-    ----------
-    image : (H, W, 3) RGB or (H, W) single-channel uint8 (level 0).
-    tile : tile side (multiple of 16).
-    mpp : level-0 µm per pixel, stored as X/YResolution in pixels per
-        centimetre (ResolutionUnit = CENTIMETER) so OpenSlide reports
-        ``openslide.mpp-x``/``-y``.  Each reduced level carries its own
-        resolution.
-    compression : ``"jpeg"`` (quality ``quality``), ``"deflate"``, ``None`` or
-        ``"auto"``: JPEG for RGB, deflate (lossless) for single-channel masks.
-    min_size : levels are halved while the smaller side stays >= ``min_size``;
-        ...but at least ``min_levels`` levels are written (level 6 = 64x is the
-        bundle's tissue-mask level) as long as the image is >= 1 px.
-    resample : ``"area"`` (2x2 mean) or ``"majority"`` (binary masks stay
-        binary); default area for RGB, majority for single-channel.
-
-    Level 0 is a full-resolution IFD (SubfileType 0), each further level a
-    reduced-resolution IFD (SubfileType 1) in the main IFD chain.  The file is
-    written to a temporary file in the same folder and moved into place with
-    :func:`os.replace`.  Returns the (height, width) of each level.
-    """
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-        raise ValueError(f"image must be (H, W, 3) or (H, W) uint8, got {image.shape} {image.dtype}")
-    if tile % 16:
-        raise ValueError(f"tile must be a multiple of 16, got {tile}")
-    rgb = image.ndim == 3
-    if compression == "auto":
-        compression = "jpeg" if rgb else "deflate"
-    if compression not in ("jpeg", "deflate", None):
-        raise ValueError(f"unknown compression {compression!r}")
-    resample = resample or ("area" if rgb else "majority")
-    levels = _pyramid(np.ascontiguousarray(image), min_size, min_levels, resample)
-    kwargs: dict = dict(tile=(tile, tile), photometric="rgb" if rgb else "minisblack",
-                        compression=compression, resolutionunit="CENTIMETER", metadata=None,
-                        maxworkers=maxworkers)
-    if compression == "jpeg":
-        kwargs["compressionargs"] = {"level": int(quality)}
-    elif compression == "deflate":  # TIFF code 8 (Adobe), what libtiff writes for "deflate"
-        kwargs["compression"] = tifffile.COMPRESSION.ADOBE_DEFLATE
-        kwargs["compressionargs"] = {"level": 6}
-    path = Path(path)
-    h0, w0 = image.shape[:2]
-    bigtiff = sum(lv.nbytes for lv in levels) > 2**32 - 2**27
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
-            for i, lv in enumerate(levels):
-                h, w = lv.shape[:2]
-                res = (1e4 / (mpp * w0 / w), 1e4 / (mpp * h0 / h))  # pixels per cm
-                tw.write(lv, subfiletype=0 if i == 0 else 1, resolution=res, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return [lv.shape[:2] for lv in levels]
-
-
-# ----------------------------------------------------------------------------
 # Layout
 # ----------------------------------------------------------------------------
 
@@ -226,14 +110,14 @@ class DemoLayout:
     """Paths and slide lists of a generated demo set (slide names are lower-case stems)."""
 
     root: Path
-    train_images: Path        #: root/training/images (train and valid slides)
+    train_images: Path        #: root/training/images (train and val slides)
     train_annotations: Path   #: root/training/annotations (tumor_XXX.xml)
     coords: Path              #: root/coords (NCRF lists)
     test_images: Path         #: root/testing/images
     test_masks: Path          #: root/testing/ground_truths (tumour test slides only)
     test_annotations: Path    #: root/testing/annotations (tumour test slides only)
     train_slides: tuple[str, ...]
-    valid_slides: tuple[str, ...]
+    val_slides: tuple[str, ...]
     test_slides: tuple[str, ...]
     test_tumor_slides: tuple[str, ...]
     size: tuple[int, int]     #: level-0 (height, width) of every slide
@@ -267,7 +151,7 @@ class DemoLayout:
         lines = [f"demo root: {self.root}",
                  f"  slides {self.size[0]}x{self.size[1]} (HxW) at {self.mpp} µm/px",
                  f"  train: {', '.join(self.train_slides)}",
-                 f"  valid: {', '.join(self.valid_slides)}",
+                 f"  val: {', '.join(self.val_slides)}",
                  f"  test:  {', '.join(self.test_slides)} (tumour: {', '.join(self.test_tumor_slides)})"]
         for key, p in self.coord_files.items():
             n = sum(1 for _ in open(p)) if p.exists() else 0
@@ -282,7 +166,7 @@ class _SlideSpec:
     name: str
     index: int            # position in the plan; seeds the slide's RNG
     tumor: bool
-    split: str            # train | valid | test
+    split: str            # train | val | test
     n_lesions: int = 0
     itc: bool = False
     exclusion: bool = False
@@ -302,11 +186,11 @@ def _plan(p: dict) -> list[_SlideSpec]:
     """Deterministic list of slides to generate from the parameters ``p``."""
     rng = np.random.default_rng([p["seed"], 10**6])
     specs: list[_SlideSpec] = []
-    n_tt, n_vt = p["n_train_tumor"], p["n_valid_tumor"]
-    n_tn, n_vn = p["n_train_normal"], p["n_valid_normal"]
+    n_tt, n_vt = p["n_train_tumor"], p["n_val_tumor"]
+    n_tn, n_vn = p["n_train_normal"], p["n_val_normal"]
     for split, tumors, normals, t_off, n_off, n_coords in (
             ("train", n_tt, n_tn, 0, 0, p["n_coords_train"]),
-            ("valid", n_vt, n_vn, n_tt, n_tn, p["n_coords_valid"])):
+            ("val", n_vt, n_vn, n_tt, n_tn, p["n_coords_val"])):
         t_q = _split_count(n_coords, tumors)
         # normal centres: half from normal slides, half hard negatives from tumour slides
         if tumors and normals:
@@ -346,7 +230,7 @@ def _layout(root: Path, p: dict, specs: list[_SlideSpec], **extra) -> DemoLayout
         test_images=root / "testing" / "images",
         test_masks=root / "testing" / "ground_truths",
         test_annotations=root / "testing" / "annotations",
-        train_slides=names("train"), valid_slides=names("valid"), test_slides=names("test"),
+        train_slides=names("train"), val_slides=names("val"), test_slides=names("test"),
         test_tumor_slides=tuple(s.name for s in specs if s.split == "test" and s.tumor),
         size=tuple(p["size"]), mpp=MPP, **extra)
 
@@ -622,14 +506,14 @@ def _make_slide(spec: _SlideSpec, layout: DemoLayout, seed: int, quality: int) -
     t1 = time.perf_counter()
 
     image_path = layout.slide_path(spec.name)
-    write_pyramidal_tiff(image_path, img, quality=quality, maxworkers=2)
+    write_pyramidal_tiff(image_path, img, mpp=MPP, quality=quality, maxworkers=2)
     del img
     if lesions:
         xml_dir = layout.test_annotations if spec.split == "test" else layout.train_annotations
         write_asap_xml(ann, xml_dir / f"{spec.name}.xml")
     if spec.split == "test" and lesions:
         gt = rasterize(ann, (h, w), 1.0).view(np.uint8) * np.uint8(255)
-        write_pyramidal_tiff(layout.test_masks / f"{spec.name}.tif", gt, compression="deflate",
+        write_pyramidal_tiff(layout.test_masks / f"{spec.name}.tif", gt, mpp=MPP, compression="deflate",
                              resample="majority", maxworkers=2)
         del gt
     t2 = time.perf_counter()
@@ -647,56 +531,15 @@ def _make_slide(spec: _SlideSpec, layout: DemoLayout, seed: int, quality: int) -
 # make_demo
 # ----------------------------------------------------------------------------
 
-_OWN_FILES = (
-    ("training/images", r"(tumor|normal)_\d{3}\.tif"),
-    ("training/annotations", r"tumor_\d{3}\.xml"),
-    ("testing/images", r"test_\d{3}\.tif"),
-    ("testing/ground_truths", r"test_\d{3}\.tif"),
-    ("testing/annotations", r"test_\d{3}\.xml"),
-    ("coords", r"(tumor|normal)_(train|valid)\.txt"),
-)
-
-
-def _clean(root: Path) -> None:
-    """Remove files a previous generation may have left (only names this module writes)."""
-    for sub, pattern in _OWN_FILES:
-        folder = root / sub
-        if not folder.is_dir():
-            continue
-        rx = re.compile(pattern + "|" + r"\..*\.tmp")
-        for p in folder.iterdir():
-            if p.is_file() and rx.fullmatch(p.name):
-                p.unlink()
-
-
-def _read_marker(root: Path) -> dict | None:
-    """Parameters stored in ``root/.complete``, or None when absent or unreadable."""
-    try:
-        return json.loads((root / _MARKER).read_text())["params"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on ``root/.lock`` (concurrent callers wait, then reuse)."""
-    with open(root / ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def make_demo(root: str | os.PathLike | None = None, seed: int = 0, n_train_tumor: int = 4,
-              n_train_normal: int = 2, n_valid_tumor: int = 2, n_valid_normal: int = 1,
+              n_train_normal: int = 2, n_val_tumor: int = 2, n_val_normal: int = 1,
               n_test_tumor: int = 3, n_test_normal: int = 1, size: tuple[int, int] = (6144, 8192),
-              n_coords_train: int = 160, n_coords_valid: int = 40, quality: int = 85,
-              workers: int | None = None) -> DemoLayout:
+              n_coords_train: int = 160, n_coords_val: int = 40, quality: int = 85,
+              workers: int | None = None, force: bool = False) -> DemoLayout:
     """Generate (once) the synthetic Camelyon16-like demo set under ``root``; return its layout.
 
     ``root`` defaults to :func:`demo_cache_root`.  ``size`` is the level-0
-    (height, width) of every slide.  ``n_coords_train``/``n_coords_valid`` are
+    (height, width) of every slide.  ``n_coords_train``/``n_coords_val`` are
     the numbers of tumour and of normal NCRF centres per split (each); normal
     centres come half from normal slides and half (hard negatives) from tumour
     slides.  ``workers`` slides are generated concurrently (threads; default
@@ -707,68 +550,82 @@ def make_demo(root: str | os.PathLike | None = None, seed: int = 0, n_train_tumo
     requested may fit (a lesion is never shrunk below 1,500 px across, unless
     the slide itself is too small for that).
 
-    Idempotent: when ``root/.complete`` holds the same parameters the call
-    returns at once (``layout.generated`` False).  Otherwise files of a
-    previous generation are removed, everything is regenerated and the marker
-    is written last.  Concurrent callers serialise on a file lock.
+    A build-once cache (:mod:`common.cache`): when ``root`` holds the set of
+    the same parameters the call returns at once (``layout.generated``
+    False); otherwise the set is generated beside it and swapped in.
+    Concurrent callers serialise on a file lock.  ``force`` regenerates.
     """
     root = Path(root) if root is not None else demo_cache_root()
     size = (int(size[0]), int(size[1]))
     if min(size) < REGION + 2 * 64:
         raise ValueError(f"size {size} too small (each side must be >= {REGION + 128})")
-    params = dict(version=DEMO_VERSION, seed=int(seed), n_train_tumor=n_train_tumor,
-                  n_train_normal=n_train_normal, n_valid_tumor=n_valid_tumor, n_valid_normal=n_valid_normal,
-                  n_test_tumor=n_test_tumor, n_test_normal=n_test_normal, size=list(size),
-                  n_coords_train=n_coords_train, n_coords_valid=n_coords_valid, quality=quality)
+    params = dict(seed=int(seed), n_train_tumor=n_train_tumor, n_train_normal=n_train_normal,
+                  n_val_tumor=n_val_tumor, n_val_normal=n_val_normal, n_test_tumor=n_test_tumor,
+                  n_test_normal=n_test_normal, size=list(size), n_coords_train=n_coords_train,
+                  n_coords_val=n_coords_val, quality=quality)
     specs = _plan(params)
-    layout = _layout(root, params, specs)
-    if _read_marker(root) == params:
-        return layout
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root):
-        if _read_marker(root) == params:  # another process finished meanwhile
-            return layout
-        t0 = time.perf_counter()
-        (root / _MARKER).unlink(missing_ok=True)
-        _clean(root)
-        for d in (layout.train_images, layout.train_annotations, layout.coords, layout.test_images,
-                  layout.test_masks, layout.test_annotations):
-            d.mkdir(parents=True, exist_ok=True)
-        workers = workers or min(2, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda s: _make_slide(s, layout, params["seed"], quality), specs))
-        by_name = {r["name"]: r for r in results}
-        for s in specs:
-            r = by_name[s.name]
-            if len(r["tumor_xy"]) < s.n_tumor_coords or len(r["normal_xy"]) < s.n_normal_coords:
-                warnings.warn(f"{s.name}: only {len(r['tumor_xy'])}/{s.n_tumor_coords} tumour and "
-                              f"{len(r['normal_xy'])}/{s.n_normal_coords} normal centres fit", stacklevel=2)
-        for split in ("train", "valid"):
-            for kind, key in (("tumor", "tumor_xy"), ("normal", "normal_xy")):
-                rows = [f"{s.name.capitalize()},{x},{y}"
-                        for s in specs if s.split == split for x, y in by_name[s.name][key]]
-                atomic_write_text(layout.coords / f"{kind}_{split}.txt", "".join(r + "\n" for r in rows))
-        seconds = time.perf_counter() - t0
-        timings = {r["name"]: round(r["total_s"], 2) for r in results}
-        atomic_write_text(root / _MARKER, json.dumps({"params": params, "seconds": round(seconds, 2),
-                                                       "slides": timings}, indent=1) + "\n")
-    return _layout(root, params, specs, generated=True, seconds=seconds, timings=timings)
+    workers = workers or min(2, os.cpu_count() or 1)
+    cache = build_once(root, lambda folder: _write_set(_layout(folder, params, specs), specs, params, workers),
+                       params, generator="camelyon.demo", version=DEMO_VERSION, force=force)
+    timings = cache.manifest.get("info", {}).get("slides", {}) if cache.built else {}
+    return _layout(root, params, specs, generated=cache.built, seconds=cache.seconds, timings=timings)
+
+
+def _write_set(layout: DemoLayout, specs: list[_SlideSpec], params: dict, workers: int) -> dict:
+    """Every slide (``workers`` at a time), then the NCRF coordinate lists; returns per-slide seconds."""
+    for d in (layout.train_images, layout.train_annotations, layout.coords, layout.test_images,
+              layout.test_masks, layout.test_annotations):
+        d.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda s: _make_slide(s, layout, params["seed"], params["quality"]), specs))
+    by_name = {r["name"]: r for r in results}
+    for s in specs:
+        r = by_name[s.name]
+        if len(r["tumor_xy"]) < s.n_tumor_coords or len(r["normal_xy"]) < s.n_normal_coords:
+            warnings.warn(f"{s.name}: only {len(r['tumor_xy'])}/{s.n_tumor_coords} tumour and "
+                          f"{len(r['normal_xy'])}/{s.n_normal_coords} normal centres fit", stacklevel=2)
+    for split, ncrf_split in NCRF_SPLITS.items():
+        for kind, key in (("tumor", "tumor_xy"), ("normal", "normal_xy")):
+            rows = [f"{s.name.capitalize()},{x},{y}"
+                    for s in specs if s.split == split for x, y in by_name[s.name][key]]
+            atomic_write_text(layout.coords / f"{kind}_{ncrf_split}.txt", "".join(r + "\n" for r in rows))
+    return {"slides": {r["name"]: round(r["total_s"], 2) for r in results}}
+
+
+def prepare_demo(cfg: TrainConfig) -> DemoLayout | None:
+    """``train.py --demo``: the synthetic slides in ``cfg.data_root`` (built once, by rank 0 while
+    the other ranks wait), then the bundle CSVs made from their NCRF coordinates and XML
+    annotations by ``prepare.py``'s code path. Returns the layout on rank 0, None elsewhere."""
+    return dist.run_on_main(_prepare_on_main, cfg)
+
+
+def _prepare_on_main(cfg: TrainConfig) -> DemoLayout:
+    from camelyon.dataset import write_bundle_csv
+    from camelyon.prepare import build_patch_list
+
+    layout = make_demo(cfg.data_root, size=tuple(cfg.demo_slide_size))
+    print(f"demo data in {layout.root} ({'generated in %.0fs' % layout.seconds if layout.generated else 'cached'})")
+    for split, ncrf_split in NCRF_SPLITS.items():
+        target = Path(cfg.train_list if split == "train" else cfg.val_list)
+        if layout.generated or not target.is_file():
+            coords = [str(layout.coords / f"{kind}_{ncrf_split}.txt") for kind in ("tumor", "normal")]
+            write_bundle_csv(build_patch_list(coords, str(layout.train_images), str(layout.train_annotations)), target)
+    return layout
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m camelyon.demo [--out DIR] [--seed N] [--size H W] [--force]``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=None, help=f"output folder (default {demo_cache_root()})")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, nargs=2, default=(6144, 8192), metavar=("H", "W"))
-    ap.add_argument("--workers", type=int, default=None)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help=f"output folder (none: {demo_cache_root()})")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the synthetic slides")
+    ap.add_argument("--size", type=int, nargs=2, default=(6144, 8192), metavar=("H", "W"),
+                    help="level-0 size of each slide in pixels")
+    ap.add_argument("--workers", type=int, default=None, help="slides written in parallel (none: up to 2)")
     ap.add_argument("--force", action="store_true", help="regenerate even if the cache is complete")
     args = ap.parse_args(argv)
     out = args.out if args.out is not None else demo_cache_root()
-    if args.force:
-        (out / _MARKER).unlink(missing_ok=True)
     t0 = time.perf_counter()
-    layout = make_demo(out, seed=args.seed, size=tuple(args.size), workers=args.workers)
+    layout = make_demo(out, seed=args.seed, size=tuple(args.size), workers=args.workers, force=args.force)
     print(layout.describe())
     if layout.generated:
         print(f"generated in {layout.seconds:.1f} s; per slide (s): "
@@ -778,4 +635,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

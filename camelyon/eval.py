@@ -1,4 +1,5 @@
-"""Evaluation: Camelyon16 lesion-level FROC (+ slide AUC) under two protocols, or patch accuracy.
+"""Evaluation: Camelyon16 lesion-level FROC (+ slide AUC) under two protocols, or patch accuracy
+(the bundle's validation metric, also what ``train.py`` validates with: :func:`patch_accuracy`).
 
     python camelyon/eval.py --detections DIR --ground-truth DIR [--protocol official|bundle] [--level L]
     python camelyon/eval.py --patch-list validation.csv --image-dir DIR --checkpoint FILE
@@ -42,17 +43,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from camelyon.config import EvalConfig
+from camelyon.dataset import RegionDataset, eval_transform, read_patch_list, split_grid, validate_records
 from common import dist
+from common.amp import MixedPrecision
 from common.io import atomic_write, atomic_write_text
-from common.config import exit_on_config_error, parse_config
+from common.config import parse_config
+from common.logging import progress
 from common.metrics.classification import roc_auc
 from common.metrics.froc import (FP_RATES, MONAI_NMS_BOX, MONAI_NMS_SIGMA, MONAI_NMS_THRESHOLD,
                                  MONAI_TP_THRESHOLD_DTYPE, SlideResult, compute_froc, detections_to_level0,
                                  evaluation_mask, growth_threshold_px, itc_labels, itc_threshold_px,
                                  monai_tumour_pixels, nms, slide_fp_tp)
+from common.errors import exit_on_user_error
 
 ANNOTATION_SUFFIXES = (".xml", ".json", ".geojson")
 
@@ -346,9 +354,9 @@ def evaluate_froc(cfg: EvalConfig) -> dict:
     cfg.validate()
     det_dir, gt_dir = Path(cfg.detections), Path(cfg.ground_truth)
     if not det_dir.is_dir():
-        raise FileNotFoundError(f"detections folder not found: {det_dir}")
+        raise FileNotFoundError(f"{det_dir}: detections folder not found")
     if not gt_dir.is_dir():
-        raise FileNotFoundError(f"ground-truth folder not found: {gt_dir}")
+        raise FileNotFoundError(f"{gt_dir}: ground-truth folder not found")
     bundle = cfg.protocol == "bundle"
     if bundle:
         items, skipped = bundle_slides(det_dir, gt_dir)
@@ -375,15 +383,36 @@ def evaluate_froc(cfg: EvalConfig) -> dict:
     return result
 
 
-def evaluate_patches(cfg: EvalConfig) -> dict:
-    """Patch-level accuracy of a checkpoint on a patch list (the bundle's validation metric)."""
-    import torch
-    from torch.utils.data import DataLoader
+# ============================================================================= patch accuracy
+def to_patches(regions: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    """uint8 regions (B, 3, 768, 768) + labels (B, 3, 3) -> patches (B*9, 3, 224, 224), targets (B*9, 1, 1, 1)."""
+    patches, targets = split_grid(regions.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+    return patches, targets.view(-1, 1, 1, 1)
 
-    from camelyon.dataset import RegionDataset, read_patch_list, validate_records
+
+@torch.no_grad()
+def patch_accuracy(model, loader, amp: MixedPrecision, ctx: dist.DistContext) -> dict[str, float]:
+    """Patch accuracy (sigmoid >= 0.5) and mean BCE over all patches of a region loader, summed
+    exactly across processes; also the patch count and the positive fraction."""
+    model.eval()
+    sums = {"correct": 0.0, "loss": 0.0, "n": 0.0, "positives": 0.0}
+    for regions, labels in progress(loader, desc="validate"):
+        patches, targets = to_patches(regions, labels, ctx.device)
+        with amp.autocast():
+            logits = model(eval_transform(patches)).float()
+        sums["correct"] += float(((logits >= 0).float() == targets).sum())
+        sums["loss"] += float(F.binary_cross_entropy_with_logits(logits, targets, reduction="sum"))
+        sums["n"] += targets.numel()
+        sums["positives"] += float(targets.sum())
+    total = dist.reduce_sums(sums, ctx.device)
+    n = max(total["n"], 1.0)
+    return {"acc": total["correct"] / n, "loss": total["loss"] / n, "patches": total["n"],
+            "positive_fraction": total["positives"] / n}
+
+
+def evaluate_patches(cfg: EvalConfig) -> dict:
+    """:func:`patch_accuracy` of a checkpoint on a patch list."""
     from camelyon.infer import load_model
-    from camelyon.train import evaluate
-    from common.amp import MixedPrecision
 
     ctx = dist.setup(cfg.device)
     records = read_patch_list(cfg.patch_list, cfg.image_dir or None, cfg.annotation_dir or None, json_key="validation")
@@ -392,8 +421,7 @@ def evaluate_patches(cfg: EvalConfig) -> dict:
     ds = RegionDataset(records)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=dist.ShardSampler(len(ds)),
                         num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda")
-    with torch.no_grad():
-        return evaluate(model, loader, MixedPrecision(ctx.device, cfg.precision), ctx)
+    return patch_accuracy(model, loader, MixedPrecision(ctx.device, cfg.precision), ctx)
 
 
 def protocol_line(protocol: dict) -> str:
@@ -433,6 +461,5 @@ def main(cfg: EvalConfig) -> None:
 
 
 if __name__ == "__main__":
-    with exit_on_config_error():
-        config = parse_config(EvalConfig)
-    dist.launch(main, config)
+    with exit_on_user_error():
+        dist.launch(main, parse_config(EvalConfig))

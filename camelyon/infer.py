@@ -52,6 +52,7 @@ from common.logging import progress
 from common.metrics.froc import map_to_level0, nms
 from common.wsi import (SlideHandles, best_level, list_slides, open_slide, read_rgb_scaled, recorded_mpp,
                         resolve_scale, slide_mpp)
+from common.errors import exit_on_user_error
 
 HALF = PATCH // 2
 
@@ -332,4 +333,5 @@ def main(cfg: InferConfig) -> None:
 
 
 if __name__ == "__main__":
-    dist.launch(main, parse_config(InferConfig))
+    with exit_on_user_error():
+        dist.launch(main, parse_config(InferConfig))

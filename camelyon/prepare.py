@@ -24,9 +24,10 @@ from skimage.filters import threshold_otsu
 
 from camelyon.dataset import CAMELYON16_MPP, PatchRecord, read_ncrf_coords, validate_records, write_bundle_csv
 from common.io import atomic_write
-from common.config import BaseConfig, parse_config
+from common.config import BaseConfig, ConfigError, parse_config
 from common.logging import progress
 from common.wsi import MPP_TOLERANCE, list_slides, open_slide, read_rgb, resolve_scale, slide_mpp
+from common.errors import exit_on_user_error
 
 
 @dataclass
@@ -141,19 +142,19 @@ def build_patch_list(coords: list[str], image_dir: str, annotation_dir: str | No
 # ============================================================================= command line
 @dataclass
 class PrepareConfig(BaseConfig):
-    """tissue-masks | patch-list"""
+    """Tissue masks of slides (tissue-masks) or a bundle patch list from NCRF coordinates (patch-list)."""
 
-    slides: str = ""
+    slides: str = ""  # tissue-masks: a slide file or a folder of slides
     output_dir: str = "outputs/camelyon_prepare"
     mask_downsample: float = 64.0  # grid cell in pixels at model_mpp (64 = level 6 of a Camelyon slide)
     model_mpp: float = CAMELYON16_MPP  # µm/px the masks are meant for (infer.py's grid for that model)
     slide_mpp: float = 0.0  # override the slides' header resolution (0: from the header)
     mpp_tolerance: float = MPP_TOLERANCE  # as infer.py: slides this close to model_mpp keep the bundle's grid
-    coords: list[str] = field(default_factory=list)
-    image_dir: str = ""
-    annotation_dir: str = ""
-    slide_suffix: str = ".tif"
-    output: str = "training.csv"
+    coords: list[str] = field(default_factory=list)  # patch-list: NCRF coordinate files (slide,x,y per line)
+    image_dir: str = ""  # patch-list: folder of the slides the coordinates refer to
+    annotation_dir: str = ""  # patch-list: tumour annotations that label the 3x3 grid of each region
+    slide_suffix: str = ".tif"  # patch-list: file name ending of the slides
+    output: str = "training.csv"  # patch-list: the bundle-format CSV written
 
 
 def run_tissue_masks(cfg: PrepareConfig) -> None:
@@ -171,7 +172,7 @@ def run_tissue_masks(cfg: PrepareConfig) -> None:
 
 def run_patch_list(cfg: PrepareConfig) -> None:
     if not cfg.coords or not cfg.image_dir:
-        raise SystemExit("patch-list needs --coords FILE [FILE ...] and --image-dir DIR")
+        raise ConfigError("--coords, --image-dir: patch-list needs --coords FILE [FILE ...] and --image-dir DIR")
     records = build_patch_list(cfg.coords, cfg.image_dir, cfg.annotation_dir or None, cfg.slide_suffix)
     write_bundle_csv(records, Path(cfg.output))
     positives = sum(any(r.labels) for r in records)
@@ -181,10 +182,15 @@ def run_patch_list(cfg: PrepareConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"tissue-masks": run_tissue_masks, "patch-list": run_patch_list}
+    prog = f"prepare.py {{{','.join(commands)}}}"
+    if argv[:1] in (["-h"], ["--help"]):
+        parse_config(PrepareConfig, ["--help"], prog=prog)  # prints the flags, exits
     if not argv or argv[0] not in commands:
-        raise SystemExit(f"usage: prepare.py {{{'|'.join(commands)}}} [--flags]")
-    commands[argv[0]](parse_config(PrepareConfig, argv[1:]))
+        got = f"{argv[0]}: unknown command" if argv else "no command given"
+        raise ConfigError(f"{got}; expected {' or '.join(commands)} (--help lists the flags)")
+    commands[argv[0]](parse_config(PrepareConfig, argv[1:], prog=f"prepare.py {argv[0]}"))
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

@@ -14,53 +14,53 @@ per-epoch cosine over 4 epochs. Validation accuracy every epoch; ``best.pt`` kee
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from camelyon.config import TrainConfig
-from camelyon.dataset import (RegionDataset, eval_transform, read_patch_list, split_grid, train_transform,
-                              training_mpp, validate_records)
+from camelyon.config import EvalConfig, InferConfig, TrainConfig
+from camelyon.dataset import RegionDataset, read_patch_list, train_transform, training_mpp, validate_records
+from camelyon.demo import prepare_demo
+from camelyon.eval import evaluate_froc, patch_accuracy, print_froc, to_patches
+from camelyon.infer import run as run_inference
 from camelyon.model import build_model, load_detector_weights, load_imagenet_backbone
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import find_resume, load_training_state, save_training_state_collective
-from common.io import atomic_write_text
-from common.config import exit_on_config_error, parse_config, save_config
-from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
+from common.config import parse_config, save_config
+from common.errors import exit_on_user_error
+from common.logging import MetricLogger, progress, report_step, start_run
 from common.optim import FunctionScheduler, Novograd, cosine_annealing
 from common.pretrained import apply_initialisation, resolve_initialisation
+from common.training import Checkpointer, TrainState, wrap_ddp, write_result
 
 
 def build_loaders(cfg: TrainConfig, ctx: dist.DistContext):
     root = Path(cfg.data_root)
     image_dir = cfg.image_dir or root / "training" / "images"
-    lists = {"train": cfg.train_list or root / "training.csv", "valid": cfg.valid_list or root / "validation.csv"}
+    lists = {"train": cfg.train_list or root / "training.csv", "val": cfg.val_list or root / "validation.csv"}
     records = {k: read_patch_list(v, image_dir, cfg.annotation_dir or None, suffix=cfg.slide_suffix)
                for k, v in lists.items()}
-    if cfg.max_valid_regions:
-        records["valid"] = records["valid"][:cfg.max_valid_regions]
+    if cfg.max_val_regions:
+        records["val"] = records["val"][:cfg.max_val_regions]
     if ctx.is_main:  # fail now, not hours into an epoch
         for k, recs in records.items():
             validate_records(recs, source=str(lists[k]))
     dist.barrier()
-    train_ds, valid_ds = RegionDataset(records["train"]), RegionDataset(records["valid"])
+    train_ds, val_ds = RegionDataset(records["train"]), RegionDataset(records["val"])
     # the bundle keeps the last partial batch (DataLoader default); its multi-GPU sampler pads
     sampler = dist.make_sampler(train_ds, shuffle=cfg.shuffle, seed=cfg.seed, drop_last=False)
     # a private generator: iterator creation must not consume the global RNG (exact resume)
-    common = dict(num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
-                  persistent_workers=cfg.num_workers > 0, worker_init_fn=dist.worker_init_fn,
-                  generator=torch.Generator().manual_seed(cfg.seed + ctx.rank))
-    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **common)
-    valid = DataLoader(valid_ds, batch_size=cfg.valid_batch_size or cfg.batch_size,
-                       sampler=dist.ShardSampler(len(valid_ds)), **common)
-    return train, valid, sampler
+    loader_kwargs = dict(num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
+                         persistent_workers=cfg.num_workers > 0, worker_init_fn=dist.worker_init_fn,
+                         generator=torch.Generator().manual_seed(cfg.seed + ctx.rank))
+    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **loader_kwargs)
+    val = DataLoader(val_ds, batch_size=cfg.val_batch_size or cfg.batch_size,
+                       sampler=dist.ShardSampler(len(val_ds)), **loader_kwargs)
+    return train, val, sampler
 
 
 def build_model_for(cfg: TrainConfig, ctx: dist.DistContext) -> tuple[torch.nn.Module, str]:
@@ -85,85 +85,38 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[Novograd,
     return optimizer, scheduler
 
 
-def to_patches(regions: torch.Tensor, labels: torch.Tensor, device: torch.device):
-    """uint8 regions (B, 3, 768, 768) + labels (B, 3, 3) -> patches (B*9, 3, 224, 224), targets (B*9, 1, 1, 1)."""
-    patches, targets = split_grid(regions.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-    return patches, targets.view(-1, 1, 1, 1)
-
-
-def train_one_epoch(model, loader, optimizer, amp, ctx, cfg: TrainConfig, epoch: int, step: int,
-                    steps_per_epoch: int, logger: MetricLogger, save_last) -> int:
+def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, ctx, cfg: TrainConfig,
+                    logger: MetricLogger, ckpt: Checkpointer, steps_per_epoch: int) -> None:
+    """One (possibly partial, after a resume) epoch: each region split into its 9 patches, augmented
+    on the device from a (seed, rank, step) generator; the schedule steps once, at the end."""
     model.train()
-    meter = AverageMeter()
-    first = step - epoch * steps_per_epoch
-    bar = progress(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+    epoch = state.epoch
+    bar = progress(total=steps_per_epoch, initial=state.steps_done(epoch, steps_per_epoch),
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}")
     for regions, labels in loader:
-        if step >= (epoch + 1) * steps_per_epoch:
+        if state.epoch_finished(epoch, steps_per_epoch):
             break
         patches, targets = to_patches(regions, labels, ctx.device)
-        x = train_transform(patches, make_generator(cfg.seed, ctx.rank, step), cfg)  # cfg is an AugmentConfig
+        x = train_transform(patches, make_generator(cfg.seed, ctx.rank, state.step), cfg)  # cfg is an AugmentConfig
         if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
             logits = model(x)  # (B*9, 1, 1, 1)
             loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
         amp.backward_step(loss, optimizer)
-        step += 1
+        state.step += 1
         acc = ((logits.detach() >= 0).float() == targets).float().mean().item()
-        meter.update(len(targets), loss=loss.item(), acc=acc)
-        report_step(bar, logger, step, epoch, cfg.log_every, loss=loss.item(), acc=acc,
+        report_step(bar, logger, state.step, epoch, cfg.log_every, loss=loss.item(), acc=acc,
                     lr=optimizer.param_groups[0]["lr"])
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_last(epoch, step)
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            ckpt.save(state)  # mid-epoch: state.epoch is the epoch in progress
     bar.close()
-    return step
-
-
-@torch.no_grad()
-def evaluate(model, loader, amp, ctx) -> dict[str, float]:
-    """Patch accuracy (sigmoid >= 0.5) and mean BCE over all validation patches, summed exactly."""
-    model.eval()
-    sums = {"correct": 0.0, "loss": 0.0, "n": 0.0, "positives": 0.0}
-    for regions, labels in progress(loader, desc="validate"):
-        patches, targets = to_patches(regions, labels, ctx.device)
-        with amp.autocast():
-            logits = model(eval_transform(patches)).float()
-        sums["correct"] += float(((logits >= 0).float() == targets).sum())
-        sums["loss"] += float(F.binary_cross_entropy_with_logits(logits, targets, reduction="sum"))
-        sums["n"] += targets.numel()
-        sums["positives"] += float(targets.sum())
-    total = dist.reduce_sums(sums, ctx.device)
-    n = max(total["n"], 1.0)
-    return {"acc": total["correct"] / n, "loss": total["loss"] / n, "patches": total["n"],
-            "positive_fraction": total["positives"] / n}
+    scheduler.step()  # per epoch
 
 
 # ============================================================================= demo
-def prepare_demo_data(cfg: TrainConfig, ctx: dist.DistContext) -> None:
-    """Generate the synthetic slides once (rank 0) and build the bundle CSVs from the NCRF-style
-    coordinates and XML annotations with ``prepare.py``'s code path."""
-    from camelyon.demo import make_demo
-    from camelyon.prepare import build_patch_list
-    from camelyon.dataset import write_bundle_csv
-
-    root = Path(cfg.data_root)
-    if ctx.is_main:
-        layout = make_demo(root)
-        print(f"demo data in {root} ({'generated in %.0fs' % layout.seconds if layout.generated else 'cached'})")
-        for split in ("train", "valid"):
-            target = Path(cfg.train_list if split == "train" else cfg.valid_list)
-            if layout.generated or not target.is_file():
-                coords = [str(layout.coords / f"{kind}_{split}.txt") for kind in ("tumor", "normal")]
-                write_bundle_csv(build_patch_list(coords, str(layout.train_images), str(layout.train_annotations)), target)
-    dist.barrier()
-
-
 def demo_inference_and_froc(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
     """Whole-slide inference (dense) with best.pt on the demo test slides, then the official FROC."""
-    from camelyon.config import EvalConfig, InferConfig
-    from camelyon.eval import evaluate_froc, print_froc
-    from camelyon.infer import run as run_inference
-
     root, out = Path(cfg.data_root), Path(cfg.output_dir)
     run_inference(InferConfig(slides=str(root / "testing" / "images"), checkpoint=str(out / "best.pt"),
                               output_dir=str(out / "inference"), num_workers=cfg.num_workers,
@@ -178,65 +131,54 @@ def demo_inference_and_froc(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
             "demo_sensitivities": {str(k): v for k, v in result["sensitivities"].items()}}
 
 
+# ============================================================================= main
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
     model, cfg.initialisation = build_model_for(cfg, ctx)  # first: a weights problem stops the run before any data
     if cfg.demo:
-        prepare_demo_data(cfg, ctx)
+        prepare_demo(cfg)  # synthetic slides and their patch lists, built once
     out = start_run(cfg, "camelyon train", ctx)
     dist.print0(f"initialisation: {cfg.initialisation}")
-    train_loader, valid_loader, sampler = build_loaders(cfg, ctx)
+    train_loader, val_loader, sampler = build_loaders(cfg, ctx)
     cfg.mpp, mpp_note = training_mpp(train_loader.dataset.records, cfg.mpp)  # the slides' level-0 µm/px
     dist.print0(f"training resolution: {cfg.mpp:g} µm/px ({mpp_note})")
     if ctx.is_main:
         save_config(cfg, out)  # config.json (and every checkpoint's config) records it for infer.py
-    ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
-        if ctx.distributed else model
+    ddp = wrap_ddp(model, ctx)
     optimizer, scheduler = build_optimizer(cfg, model)
     amp = MixedPrecision(ctx.device, cfg.precision)
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
-    step, best, start_epoch = 0, -1.0, 0
 
-    def save_last(epoch: int, at_step: int, name: str = "last.pt") -> None:  # collective
-        save_training_state_collective(out / name, is_main=ctx.is_main, model=model, optimizer=optimizer,
-                                       scheduler=scheduler, scaler=amp.scaler, epoch=epoch, step=at_step,
-                                       best_metric=best, config=cfg.to_dict())
-
-    resume_path = find_resume(out) if cfg.resume else None
-    if resume_path is not None:
-        state = load_training_state(resume_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    scaler=amp.scaler)
-        step, best = state["step"], state["best_metric"] if state["best_metric"] is not None else -1.0
-        start_epoch = state["epoch"]  # completed epochs; a mid-epoch save has step beyond them
-        dist.print0(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+    state = TrainState()
+    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp)
+    ckpt.resume(state)
     logger = MetricLogger(out)
     metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.batch_size)
+    for epoch in range(state.epoch, cfg.epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
         t0 = time.time()
-        step = train_one_epoch(ddp, train_loader, optimizer, amp, ctx, cfg, epoch, step, steps_per_epoch,
-                               logger, save_last)
-        metrics = evaluate(model, valid_loader, amp, ctx)
-        scheduler.step()
-        dist.print0(f"epoch {epoch + 1}/{cfg.epochs}: valid acc {metrics['acc']:.4f} loss {metrics['loss']:.4f} "
+        train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt, steps_per_epoch)
+        metrics = patch_accuracy(model, val_loader, amp, ctx)
+        state.epoch = epoch + 1
+        dist.print0(f"epoch {state.epoch}/{cfg.epochs}: val acc {metrics['acc']:.4f} loss {metrics['loss']:.4f} "
                     f"({metrics['patches']:.0f} patches) lr {optimizer.param_groups[0]['lr']:.3g} "
                     f"[{time.time() - t0:.0f}s]")
-        logger.log(step, metrics, prefix="valid", epoch=epoch + 1)
-        if metrics["acc"] > best:
-            best = metrics["acc"]
-            save_last(epoch + 1, step, "best.pt")
-        save_last(epoch + 1, step)
+        logger.log(state.step, metrics, prefix="val", epoch=state.epoch)
+        if state.improved(metrics["acc"]):
+            ckpt.save(state, "best.pt")
+        ckpt.save(state, "last.pt")
     logger.close()
-    result = {"best_valid_acc": best, "last": metrics, "run_dir": str(out)}
+
+    result = {"best_val_acc": state.best, "last": metrics, "run_dir": str(out)}
     if cfg.demo:
         result.update(demo_inference_and_froc(cfg, ctx))
-    if ctx.is_main:
-        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
+    write_result(out, result, ctx)
     dist.cleanup()
     return result
 
 
 if __name__ == "__main__":
-    with exit_on_config_error():
+    with exit_on_user_error():
         dist.launch(main, parse_config(TrainConfig))

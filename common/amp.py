@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# A clipping rule: (parameters, max norm) -> the norm before clipping (a float or a 0-d tensor).
+ClipFn = Callable[[list, float], "float | torch.Tensor"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -37,7 +39,10 @@ class MixedPrecision:
         amp = MixedPrecision(device, cfg.precision)
         with amp.autocast():
             loss = criterion(model(x), y)
-        grad_norm = amp.step(loss, optimizer, params=model.parameters(), clip_norm=1.0)
+        grad_norm = amp.backward_step(loss, optimizer, params=model.parameters(), clip_norm=1.0)
+
+    With gradient accumulation, ``amp.backward(loss, accumulation)`` per micro-batch, then
+    ``amp.step(optimizer, params, clip_norm, zero_grad=True)`` once per update.
     """
 
     def __init__(self, device: torch.device, precision: str = "auto"):
@@ -61,26 +66,31 @@ class MixedPrecision:
         self.scaler.scale(loss / accumulation).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None,
-             clip_norm: float | None = None) -> float:
-        """Unscale, optionally clip, step (skipped by the scaler on inf/NaN grads), update.
+             clip_norm: float | None = None, clip_fn: ClipFn | None = None, zero_grad: bool = False,
+             set_to_none: bool = True) -> float:
+        """Unscale, optionally clip, step (skipped by the scaler on inf/NaN grads), update, and
+        with ``zero_grad`` clear the gradients: the end of every update, written once.
 
-        Returns the total gradient norm before clipping (NaN if not computed)."""
+        Clipping runs when ``clip_norm`` is set (None or 0: off) and ``params`` are given, on
+        unscaled gradients: ``clip_fn(params, clip_norm)``, by default the total norm
+        (``clip_grad_norm_``); a recipe with its own rule passes it here (DINO clips each
+        parameter's norm). Returns the norm ``clip_fn`` reports before clipping (NaN if not computed)."""
         grad_norm = float("nan")
-        if clip_norm is not None and params is not None:
+        if clip_norm and params is not None:
             self.scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params), clip_norm))
+            grad_norm = float((clip_fn or torch.nn.utils.clip_grad_norm_)(list(params), clip_norm))
         self.scaler.step(optimizer)
         self.scaler.update()
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=set_to_none)
         return grad_norm
 
     def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                       params: Iterable[torch.Tensor] | None = None, clip_norm: float | None = None,
-                      set_to_none: bool = True) -> float:
+                      set_to_none: bool = True, clip_fn: ClipFn | None = None) -> float:
         """Backward + step + zero_grad for the common no-accumulation case."""
         self.backward(loss)
-        norm = self.step(optimizer, params, clip_norm)
-        optimizer.zero_grad(set_to_none=set_to_none)
-        return norm
+        return self.step(optimizer, params, clip_norm, clip_fn, zero_grad=True, set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict()

@@ -33,10 +33,11 @@ import torch
 import torch.nn as nn
 
 from common.dist import all_gather_object, barrier, get_rank, get_world_size
+from common.errors import UserError
 from common.io import atomic_torch_save
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
@@ -45,16 +46,30 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     """``torch.load`` with ``weights_only=True`` and errors that name the file and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        reason = _unpickling_reason(err)
+        if "GLOBAL" not in reason:  # no code reference met: random bytes, a truncated or foreign file
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
         raise CheckpointError(
             f"{path}: refused to load: the file contains pickled objects other than tensors and "
-            f"plain containers, which could run arbitrary code ({str(err).splitlines()[0]}). "
+            f"plain containers, which could run arbitrary code ({reason}). "
             "If you trust it, convert it to a plain state_dict first.") from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+
+
+def _unpickling_reason(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only error that says what the unpickler met, without the advice
+    around it: "Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default",
+    "Trying to load unsupported GLOBAL posix.system ..." or "Unsupported operand 20" (not a pickle)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.removeprefix("WeightsUnpickler error:").strip().split(". Please use", 1)[0]
+    return lines[0] if lines else type(err).__name__
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -16,6 +16,7 @@ average averages) work in every mode, so training code calls them unconditionall
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
 import socket
@@ -26,6 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DistributedSampler
+
+from common.config import ConfigError
+from common.errors import USER_ERRORS, UserError, describe, traceback_requested
 
 
 @dataclass(frozen=True)
@@ -122,35 +126,58 @@ def node_rank_from_hosts(hosts: list[str], node_rank: int = -1) -> int:
     """This machine's index in ``hosts`` (matched by host name or fully qualified name)."""
     if node_rank >= 0:
         if node_rank >= len(hosts):
-            raise ValueError(f"node_rank {node_rank} is outside the host list {hosts}")
+            raise ConfigError(f"node_rank {node_rank} is outside the host list {hosts}")
         return node_rank
     names = {socket.gethostname(), socket.getfqdn(), socket.gethostname().split(".")[0]}
     for i, host in enumerate(hosts):
         if host in names:
             return i
-    raise ValueError(f"this machine ({socket.gethostname()}) is not in the configured hosts {hosts}; "
-                     "add it, or pass --node-rank")
+    raise ConfigError(f"this machine ({socket.gethostname()}) is not in the configured hosts {hosts}; "
+                      "add it, or pass --node-rank")
 
 
-def _host_list_worker(local_rank: int, main: Callable, cfg, node_rank: int, nprocs: int) -> None:
+def _host_list_worker(local_rank: int, main: Callable, cfg, node_rank: int, nprocs: int, user_errors) -> None:
+    """One spawned process. A user error is handed to the parent through ``user_errors`` (the
+    parent reports it as one line) and ends this process with status 2, without a traceback."""
     world = len(cfg.hosts) * nprocs
     os.environ.update(RANK=str(node_rank * nprocs + local_rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(nprocs),
                       MASTER_ADDR=cfg.master_addr, MASTER_PORT=str(cfg.master_port))
-    main(cfg)
+    try:
+        main(cfg)
+    except USER_ERRORS as err:
+        if traceback_requested():
+            raise
+        user_errors.put(describe(err))
+        raise SystemExit(2) from None
 
 
 def launch(main: Callable[[Any], Any], cfg) -> Any:
     """Run ``main(cfg)`` in every process of the job (see module docstring for the three modes).
 
     ``main`` calls :func:`setup` itself, which finds the environment this function prepared.
+    A user error (:mod:`common.errors`) in a spawned process is raised here as a
+    :class:`common.errors.UserError` with the same message, so the ``__main__`` block's
+    ``exit_on_user_error`` reports it as one line with exit status 2 in every mode.
     """
     in_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if in_torchrun or not cfg.hosts:
         return main(cfg)
     node = node_rank_from_hosts(list(cfg.hosts), cfg.node_rank)
     nprocs = _procs_per_node(cfg)
-    torch.multiprocessing.spawn(_host_list_worker, args=(main, cfg, node, nprocs), nprocs=nprocs, join=True)
+    user_errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)  # not "Terminating process ...": the failure itself is reported
+    try:
+        torch.multiprocessing.spawn(_host_list_worker, args=(main, cfg, node, nprocs, user_errors), nprocs=nprocs,
+                                    join=True)
+    except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException):
+        if not user_errors.empty():  # a user error explains the failure of every process
+            raise UserError(user_errors.get()) from None
+        raise
+    finally:
+        spawn_log.setLevel(level)
     return None
 
 
@@ -251,18 +278,27 @@ def run_on_main(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run ``fn`` on rank 0 only (data generation, packing, downloads) while the others wait.
 
     Returns ``fn``'s result on rank 0 and None elsewhere. If ``fn`` raises, rank 0 re-raises it
-    and every other process raises a RuntimeError quoting it, so a bad input found by rank 0
-    stops the whole job at once instead of leaving the other processes at a barrier."""
+    and every other process raises a RuntimeError quoting it (a :class:`common.errors.UserError`
+    with the same message when it is a user error), so a bad input found by rank 0 stops the whole
+    job at once instead of leaving the other processes at a barrier."""
     result, error = None, None
     if get_rank() == 0:
         try:
             result = fn(*args, **kwargs)
         except Exception as err:  # reported to every process below, re-raised here
             error = err
-    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    report = None  # (is a user error, message)
+    if isinstance(error, USER_ERRORS):
+        report = (True, describe(error))
+    elif error is not None:
+        report = (False, f"{type(error).__name__}: {error}")
+    report = broadcast_object(report)
     if error is not None:
         raise error
-    if message is not None:
+    if report is not None:
+        is_user_error, message = report
+        if is_user_error:  # the same one-line message on every process
+            raise UserError(message)
         raise RuntimeError(f"rank 0 failed, stopping this process too: {message}")
     return result
 

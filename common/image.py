@@ -62,7 +62,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     names it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+        raise FileNotFoundError(f"{path}: image not found")
     return _decode(path, str(path))
 
 

@@ -19,7 +19,7 @@
 ``description`` is what the run prints under its banner and stores in ``config.json`` and in its
 checkpoints (the ``initialisation`` field of the task's config). The errors are
 :class:`PretrainedError`, a :class:`common.config.ConfigError`: command-line entry points print
-them as one line (``common.config.exit_on_config_error``).
+them as one line (``common.errors.exit_on_user_error``).
 """
 from __future__ import annotations
 

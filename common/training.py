@@ -9,7 +9,7 @@ A training script keeps its recipe in view and uses these as plain objects::
     for epoch in range(state.epoch, cfg.epochs):
         sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
         train_one_epoch(ddp, loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt)
-        metrics = evaluate(model, valid_loader, amp, ctx)
+        metrics = evaluate(model, val_loader, amp, ctx)
         state.epoch = epoch + 1
         if state.improved(metrics["acc"]):
             ckpt.save(state, "best.pt")
@@ -46,13 +46,18 @@ class TrainState:
 
     epoch: int = 0
     step: int = 0
-    best: float = -1.0  # below every metric the tasks select on (accuracy, Dice, mIoU are >= 0)
+    best: float | None = -1.0  # below every metric the tasks select on (accuracy, Dice, mIoU are >= 0);
+    # None: the task selects no best checkpoint (self-supervised pretraining), stored as such
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def steps_done(self, epoch: int, steps_per_epoch: int) -> int:
+        """Updates of ``epoch`` already made (0 unless resumed mid-epoch): where its progress bar starts."""
+        return max(self.step - epoch * steps_per_epoch, 0)
 
     def samples_done(self, epoch: int, steps_per_epoch: int, samples_per_step: int) -> int:
         """Samples of this process's share of ``epoch`` already consumed (0 unless resumed mid-epoch):
         what ``ResumableSampler.set_epoch(epoch, skip=...)`` drops."""
-        return max(self.step - epoch * steps_per_epoch, 0) * samples_per_step
+        return self.steps_done(epoch, steps_per_epoch) * samples_per_step
 
     def epoch_finished(self, epoch: int, steps_per_epoch: int) -> bool:
         return self.step >= (epoch + 1) * steps_per_epoch
@@ -69,12 +74,14 @@ class Checkpointer:
     """The run's one checkpoint writer: ``save(state, "last.pt" | "best.pt")`` on every process
     (each gathers its RNG state; rank 0 writes atomically; all wait) and ``resume(state)``.
 
-    ``extra`` returns additional top-level entries for the file (e.g. pretraining's k-NN history);
+    ``extra`` gives additional top-level entries for the file: a mapping of constants (e.g.
+    pretraining's ``backbone_prefix``) or a function of the state returning them;
     ``on_best`` is called on rank 0 after ``best.pt`` is written (spleen also exports the bundle's
     flat ``model.pt``)."""
 
     def __init__(self, run_dir: str | os.PathLike, ctx: dist.DistContext, config, *, model: nn.Module,
-                 optimizer=None, scheduler=None, amp=None, extra: Callable[[TrainState], Mapping] | None = None,
+                 optimizer=None, scheduler=None, amp=None,
+                 extra: Mapping | Callable[[TrainState], Mapping] | None = None,
                  on_best: Callable[[], None] | None = None):
         self.run_dir, self.ctx, self.config = Path(run_dir), ctx, config
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -83,7 +90,7 @@ class Checkpointer:
 
     def save(self, state: TrainState, name: str = "last.pt") -> Path:
         path = self.run_dir / name
-        extra = {**state.extra, **(self.extra(state) if self.extra else {})}
+        extra = {**state.extra, **(self.extra(state) if callable(self.extra) else self.extra or {})}
         save_training_state_collective(path, is_main=self.ctx.is_main, model=self.model, optimizer=self.optimizer,
                                        scheduler=self.scheduler, scaler=self.scaler, epoch=state.epoch,
                                        step=state.step, best_metric=state.best, config=self.config.to_dict(),

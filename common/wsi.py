@@ -31,6 +31,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from common.errors import UserError
+
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")
 #: default relative tolerance within which a slide counts as being at the target resolution: it
 #: covers both Camelyon16 scanners (0.243 and 0.226 µm/px, which the bundle trained on together at
@@ -41,7 +43,7 @@ _PLAUSIBLE_MPP = (0.01, 100.0)  # outside: not a microscope's pixel (e.g. a 72-d
 _UM_PER_UNIT = {"centimeter": 1e4, "inch": 25400.0}
 
 
-class SlideError(ValueError):
+class SlideError(UserError, ValueError):
     """A slide that is missing, unreadable, or asked for pixels it does not have."""
 
 
@@ -49,7 +51,7 @@ class SlideError(ValueError):
 def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
     path = Path(path)
     if not path.is_file():
-        raise SlideError(f"slide not found: {path}")
+        raise SlideError(f"{path}: slide not found")
     try:
         return openslide.OpenSlide(str(path))
     except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as err:
@@ -73,7 +75,7 @@ def list_slides(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise SlideError(f"no slide or folder at {path}")
+        raise SlideError(f"{path}: no slide or folder there")
     slides = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
     if not slides:
         raise SlideError(f"{path}: no slide files ({', '.join(SLIDE_SUFFIXES)})")

@@ -15,8 +15,9 @@ from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
 from common.config import parse_config
-from nuclick.config import BenchConfig, InferConfig
-from nuclick.dataset import AugmentConfig, GuidanceConfig, train_batch
+from common.errors import exit_on_user_error
+from nuclick.config import AugmentConfig, BenchConfig, GuidanceConfig, InferConfig
+from nuclick.dataset import train_batch
 from nuclick.infer import ArrayImage, segment_clicks
 from nuclick.model import build_model, count_parameters, dice_loss
 
@@ -81,4 +82,5 @@ def main(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(BenchConfig))
+    with exit_on_user_error():
+        main(parse_config(BenchConfig))

@@ -8,7 +8,8 @@ exact CoNSeP layout and label format, then runs the real ``prepare.py``, trainin
     <root>/CoNSeP/{Train,Test}/Labels/{train,test}_<i>.mat   inst_map, type_map, inst_type (N, 1),
                                                              inst_centroid (N, 2; x, y)
     <root>/clicks/test_<i>.csv                               the test nuclei's centroids as x,y clicks
-    <root>/.complete                                         generation parameters, written last
+    <root>/.complete                                         manifest of the build-once cache (common.cache)
+    <root>/prepared/                                         the demo's prepare.py output (its own cache)
 
 Appearance: pink eosin stroma with fibre texture and a few pale lumina; nuclei of the seven CoNSeP
 types drawn as hematoxylin-blue ellipses with chromatin texture and a soft 1-px rim:
@@ -19,9 +20,6 @@ that become negative clicks. Everything is deterministic from the seed.
 """
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +28,13 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.io import savemat
 
-from common.io import atomic_write_text
+from common import dist
+from common.cache import build_once, read_manifest
+from nuclick.config import PrepareConfig, TrainConfig, demo_root
+from nuclick.prepare import run as prepare
 
 VERSION = 1
+PREPARE_VERSION = 1
 
 
 @dataclass
@@ -163,24 +165,34 @@ def _write_tile(layout: DemoLayout, split: str, stem: str, rng: np.random.Genera
 
 
 def make_demo(root: Path, n_train: int = 12, n_test: int | None = None, size: int = 256, seed: int = 0) -> DemoLayout:
-    """Generate the demo set under ``root`` unless a complete one with the same parameters exists."""
-    layout = demo_layout(Path(root))
-    params = {"version": VERSION, "n_train": n_train, "n_test": n_test or max(n_train // 3, 1), "size": size,
-              "seed": seed}
-    marker = layout.root / ".complete"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return layout
-    t0 = time.time()
-    for stale in (layout.consep, layout.clicks):  # only the folders this function owns
-        if stale.exists():
-            shutil.rmtree(stale)
+    """The demo set under ``root``, generated once per parameter set (a build-once cache, :mod:`common.cache`)."""
+    params = {"n_train": n_train, "n_test": n_test or max(n_train // 3, 1), "size": size, "seed": seed}
+    cache = build_once(root, lambda folder: _write_set(demo_layout(folder), **params), params,
+                       generator="nuclick.demo", version=VERSION)
+    return DemoLayout(Path(root), Path(root) / "CoNSeP", Path(root) / "clicks", cache.built, cache.seconds)
+
+
+def _write_set(layout: DemoLayout, n_train: int, n_test: int, size: int, seed: int) -> None:
     for split in ("Train", "Test"):
         for sub in ("Images", "Labels"):
             (layout.consep / split / sub).mkdir(parents=True, exist_ok=True)
     layout.clicks.mkdir(parents=True, exist_ok=True)
-    for split, prefix, count in (("Train", "train", params["n_train"]), ("Test", "test", params["n_test"])):
+    for split, prefix, count in (("Train", "train", n_train), ("Test", "test", n_test)):
         for i in range(1, count + 1):
             _write_tile(layout, split, f"{prefix}_{i}", np.random.default_rng([seed, split == "Test", i]), size)
-    atomic_write_text(marker, json.dumps(params) + "\n")
-    layout.generated, layout.seconds = True, time.time() - t0
-    return layout
+
+
+def prepare_demo(cfg: TrainConfig) -> None:
+    """``train.py --demo``: the synthetic CoNSeP tiles (once), then their per-nucleus crops in
+    ``cfg.data_root`` by ``prepare.py``'s code path (once per tile set and crop size). Rank 0 builds
+    both while the other ranks wait."""
+    dist.run_on_main(_prepare_on_main, cfg)
+
+
+def _prepare_on_main(cfg: TrainConfig) -> None:
+    layout = make_demo(Path(demo_root()), n_train=cfg.demo_images, size=cfg.demo_size, seed=0)
+    print(f"demo data in {layout.consep} ({'generated in %.0fs' % layout.seconds if layout.generated else 'cached'})")
+    params = {"crop_size": cfg.demo_crop, "tiles": read_manifest(layout.root)["key"]}
+    build_once(cfg.data_root, lambda folder: prepare(PrepareConfig(input=str(layout.consep), output=str(folder),
+                                                                   crop_size=cfg.demo_crop)),
+               params, generator="nuclick.prepare", version=PREPARE_VERSION)

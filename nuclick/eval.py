@@ -28,8 +28,9 @@ from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
 from common.logging import progress
 from common.metrics.dice import DiceAccumulator
-from nuclick.config import EvalConfig
-from nuclick.dataset import GuidanceConfig, NucleiDataset, read_datalist, valid_batch
+from common.errors import exit_on_user_error
+from nuclick.config import EvalConfig, GuidanceConfig
+from nuclick.dataset import NucleiDataset, read_datalist, val_batch
 from nuclick.model import dice_loss, load_nuclick_weights
 
 
@@ -43,7 +44,7 @@ def evaluate(model, loader, amp: MixedPrecision, ctx: dist.DistContext, seed: in
     dice = DiceAccumulator(include_background=False)
     sums = {"correct": 0.0, "pixels": 0.0, "loss": 0.0, "n": 0.0}
     for i, batch in enumerate(progress(loader, desc="validate")):
-        x, target = valid_batch(batch, seed, epoch, guide_cfg, ctx.device)
+        x, target = val_batch(batch, seed, epoch, guide_cfg, ctx.device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
@@ -88,7 +89,7 @@ def read_instance_map(path: str | Path) -> np.ndarray:
     ``.mat`` (``inst_map``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"instance map not found: {path}")
+        raise FileNotFoundError(f"{path}: instance map not found")
     if path.suffix.lower() == ".mat":
         from nuclick.prepare import read_mat
         return read_mat(path).inst_map.astype(np.int64)
@@ -171,4 +172,5 @@ def main(cfg: EvalConfig) -> None:
 
 
 if __name__ == "__main__":
-    dist.launch(main, parse_config(EvalConfig))
+    with exit_on_user_error():
+        dist.launch(main, parse_config(EvalConfig))

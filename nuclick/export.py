@@ -21,6 +21,7 @@ import torch
 
 from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
+from common.errors import exit_on_user_error
 from nuclick.config import ExportConfig
 from nuclick.model import BasicUNet, load_nuclick_weights
 
@@ -110,4 +111,5 @@ def run(cfg: ExportConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse_config(ExportConfig))
+    with exit_on_user_error():
+        run(parse_config(ExportConfig))

@@ -52,16 +52,17 @@ from common.amp import MixedPrecision
 from common.checkpoint import load_file
 from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
+from common.errors import UserError, exit_on_user_error
 from common.image import read_image
 from common.logging import progress
 from common.wsi import (SLIDE_SUFFIXES, SlideError, best_level, open_slide, read_rgb, read_rgb_scaled, recorded_mpp,
                         resolve_scale, slide_mpp)
 from nuclick.config import CONSEP_MPP, InferConfig
-from nuclick.dataset import smooth_points
+from nuclick.guidance import smooth_points
 from nuclick.model import load_nuclick_weights
 
 
-class ClickError(ValueError):
+class ClickError(UserError, ValueError):
     """A click file that cannot be used."""
 
 
@@ -119,7 +120,7 @@ def read_clicks(path: str | Path) -> np.ndarray:
     """(N, 2) float array of (x, y) clicks from CSV, JSON or GeoJSON (see module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"click file not found: {path}")
+        raise FileNotFoundError(f"{path}: click file not found")
     if path.suffix.lower() in (".json", ".geojson"):
         try:
             obj = json.loads(path.read_text())
@@ -223,7 +224,7 @@ def open_image(path: str | Path, max_pixels: int) -> ArrayImage | SlideImage:
     needed; everything else is decoded whole."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+        raise FileNotFoundError(f"{path}: image not found")
     suffix = path.suffix.lower()
     if suffix in SLIDE_SUFFIXES and (suffix not in (".tif", ".tiff") or _tiff_pixels(path) > max_pixels):
         try:
@@ -513,4 +514,5 @@ def main(cfg: InferConfig) -> None:
 
 
 if __name__ == "__main__":
-    dist.launch(main, parse_config(InferConfig))
+    with exit_on_user_error():
+        dist.launch(main, parse_config(InferConfig))

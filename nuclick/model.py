@@ -26,9 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoint import CheckpointError, extract_state_dict, load_file, load_weights
-
-BUNDLE_FEATURES = (32, 64, 128, 256, 512, 32)
-AXIS_ORDERS = ("hw", "wh")
+from nuclick.config import AXIS_ORDERS, BUNDLE_FEATURES
 
 
 class ConvUnit(nn.Module):

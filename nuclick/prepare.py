@@ -37,6 +37,7 @@ from scipy import ndimage as ndi
 
 from common.io import atomic_write_text
 from common.config import parse_config
+from common.errors import UserError, exit_on_user_error
 from common.image import read_image
 from common.logging import progress
 from nuclick.config import PrepareConfig
@@ -47,7 +48,7 @@ MAT_KEYS = ("inst_map", "inst_type", "inst_centroid")
 SPLIT_KEYS = {"Train": "training", "Test": "validation"}
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A label file that is missing, unreadable or inconsistent."""
 
 
@@ -244,7 +245,7 @@ def list_pairs(split_dir: Path) -> list[tuple[Path, list[Path]]]:
     image_dir, label_dir = split_dir / "Images", split_dir / "Labels"
     for d in (image_dir, label_dir):
         if not d.is_dir():
-            raise FileNotFoundError(f"folder not found: {d} (expected <input>/<Split>/Images and Labels)")
+            raise FileNotFoundError(f"{d}: folder not found (expected <input>/<Split>/Images and Labels)")
     images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise FileNotFoundError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -268,7 +269,7 @@ def run(cfg: PrepareConfig) -> dict:
     """Prepare every split; writes ``<output>/dataset.json`` last. Returns counts per split."""
     in_dir, out_dir = Path(cfg.input), Path(cfg.output)
     if not in_dir.is_dir():
-        raise FileNotFoundError(f"input folder not found: {in_dir}")
+        raise FileNotFoundError(f"{in_dir}: input folder not found")
     unknown = [s for s in cfg.splits if s not in SPLIT_KEYS]
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; expected {list(SPLIT_KEYS)}")
@@ -287,4 +288,5 @@ def run(cfg: PrepareConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run(parse_config(PrepareConfig))
+    with exit_on_user_error():
+        run(parse_config(PrepareConfig))

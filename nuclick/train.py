@@ -15,45 +15,44 @@ record the axis order of the weights (``axis_order``, see nuclick/model.py).
 """
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import find_resume, load_training_state, save_training_state_collective
-from common.io import atomic_write_text
-from common.config import parse_config
+from common.config import field_group, parse_config
+from common.errors import exit_on_user_error
 from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
-from nuclick.config import TrainConfig
-from nuclick.dataset import AugmentConfig, GuidanceConfig, NucleiDataset, read_datalist, train_batch
-from nuclick.eval import evaluate
+from common.training import Checkpointer, TrainState, wrap_ddp, write_result
+from nuclick.config import AugmentConfig, GuidanceConfig, InferConfig, TrainConfig, demo_root
+from nuclick.dataset import NucleiDataset, read_datalist, train_batch
+from nuclick.demo import demo_layout, prepare_demo
+from nuclick.eval import evaluate, instance_scores, read_instance_map
+from nuclick.infer import run as infer
 from nuclick.model import build_model, count_parameters, dice_loss, load_nuclick_weights
 
 
 def build_loaders(cfg: TrainConfig, ctx: dist.DistContext):
     datalist = cfg.datalist or Path(cfg.data_root) / "dataset.json"
-    train_items, valid_items = read_datalist(datalist, "training"), read_datalist(datalist, "validation")
-    if cfg.max_valid:
-        valid_items = valid_items[:cfg.max_valid]
+    train_items, val_items = read_datalist(datalist, "training"), read_datalist(datalist, "validation")
+    if cfg.max_val:
+        val_items = val_items[:cfg.max_val]
     train_ds = NucleiDataset(train_items, cache=cfg.cache, desc="load training crops")
-    valid_ds = NucleiDataset(valid_items, cache=cfg.cache, desc="load validation crops")
+    val_ds = NucleiDataset(val_items, cache=cfg.cache, desc="load validation crops")
     sampler = dist.make_sampler(train_ds, shuffle=True, seed=cfg.seed)
-    kwargs = dict(num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
-                  persistent_workers=cfg.num_workers > 0, worker_init_fn=dist.worker_init_fn)
+    loader_kwargs = dict(num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
+                         persistent_workers=cfg.num_workers > 0, worker_init_fn=dist.worker_init_fn)
     # own generators: the loaders never draw from the global RNG (exact mid-epoch resume)
     train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                       generator=torch.Generator().manual_seed(cfg.seed), **kwargs)
-    valid = DataLoader(valid_ds, batch_size=cfg.valid_batch_size or cfg.batch_size,
-                       sampler=dist.ShardSampler(len(valid_ds)), generator=torch.Generator().manual_seed(cfg.seed),
-                       **kwargs)
-    return train, valid, sampler
+                       generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
+    val = DataLoader(val_ds, batch_size=cfg.val_batch_size or cfg.batch_size,
+                       sampler=dist.ShardSampler(len(val_ds)), generator=torch.Generator().manual_seed(cfg.seed),
+                       **loader_kwargs)
+    return train, val, sampler
 
 
 def build_model_for(cfg: TrainConfig, ctx: dist.DistContext) -> torch.nn.Module:
@@ -76,61 +75,40 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Ada
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
-def train_one_epoch(model, loader, optimizer, amp, ctx, cfg: TrainConfig, run: dict, logger: MetricLogger,
-                    save_last) -> dict:
-    """One (possibly partial, after a resume) epoch; ``run`` holds epoch, step and steps_per_epoch."""
+def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, ctx, cfg: TrainConfig,
+                    logger: MetricLogger, ckpt: Checkpointer, steps_per_epoch: int) -> dict:
+    """One (possibly partial, after a resume) epoch: crops augmented and given their clicks on the
+    device from a (seed, rank, step) generator. No schedule (``scheduler`` is None). Returns the
+    mean training loss over every process."""
     model.train()
-    aug_cfg = AugmentConfig(**{k: getattr(cfg, k) for k in AugmentConfig.__dataclass_fields__})
-    guide_cfg = GuidanceConfig(cfg.drop_rate, cfg.use_distance, cfg.gaussian, cfg.sigma, cfg.truncated)
+    aug_cfg, guide_cfg = field_group(cfg, AugmentConfig), field_group(cfg, GuidanceConfig)
     meter = AverageMeter()
-    epoch, end = run["epoch"], (run["epoch"] + 1) * run["steps_per_epoch"]
-    bar = progress(total=run["steps_per_epoch"], initial=run["step"] - epoch * run["steps_per_epoch"],
+    epoch = state.epoch
+    bar = progress(total=steps_per_epoch, initial=state.steps_done(epoch, steps_per_epoch),
                    desc=f"epoch {epoch + 1}/{cfg.epochs}")
     for batch in loader:
-        if run["step"] >= end:
+        if state.epoch_finished(epoch, steps_per_epoch):
             break
-        x, target = train_batch(batch, make_generator(cfg.seed, ctx.rank, run["step"]), aug_cfg, guide_cfg, ctx.device)
+        x, target = train_batch(batch, make_generator(cfg.seed, ctx.rank, state.step), aug_cfg, guide_cfg, ctx.device)
         if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
             logits = model(x)
         loss = dice_loss(logits, target)
         amp.backward_step(loss, optimizer)
-        run["step"] += 1
+        state.step += 1
         value = loss.item()
         meter.update(len(x), loss=value)
-        report_step(bar, logger, run["step"], epoch, cfg.log_every, loss=value)
-        if cfg.checkpoint_every and run["step"] % cfg.checkpoint_every == 0 and run["step"] < end:
-            save_last(run["step"] // run["steps_per_epoch"], run["step"])
+        report_step(bar, logger, state.step, epoch, cfg.log_every, loss=value)
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            ckpt.save(state)  # mid-epoch: state.epoch is the epoch in progress
     bar.close()
     return AverageMeter.averages(dist.reduce_sums(meter.sums(), ctx.device))
 
 
 # ============================================================================= demo
-def prepare_demo_data(cfg: TrainConfig, ctx: dist.DistContext) -> None:
-    """Synthetic CoNSeP-format tiles (once, cached), then ``prepare.py``'s code path (rank 0)."""
-    from nuclick.config import PrepareConfig, demo_root
-    from nuclick.demo import make_demo
-    from nuclick.prepare import run as prepare
-
-    if ctx.is_main:
-        layout = make_demo(Path(demo_root()), n_train=cfg.demo_images, size=cfg.demo_size, seed=0)
-        print(f"demo data in {layout.consep} ({'generated in %.0fs' % layout.seconds if layout.generated else 'cached'})")
-        prep = PrepareConfig(input=str(layout.consep), output=str(cfg.data_root), crop_size=cfg.demo_crop)
-        marker, params = Path(cfg.data_root) / "demo_prepare.json", {"crop_size": cfg.demo_crop}
-        if layout.generated or not marker.is_file() or json.loads(marker.read_text()) != params:
-            prepare(prep)
-            atomic_write_text(marker, json.dumps(params) + "\n")  # after dataset.json: preparation complete
-    dist.barrier()
-
-
 def demo_inference(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
     """``infer.py`` on the demo test tiles with their centroids as clicks; instance-level Dice."""
-    from nuclick.config import InferConfig, demo_root
-    from nuclick.demo import demo_layout
-    from nuclick.eval import instance_scores, read_instance_map
-    from nuclick.infer import run as infer
-
     layout, out = demo_layout(Path(demo_root())), Path(cfg.output_dir) / "inference"
     scores = []
     for image in sorted((layout.consep / "Test" / "Images").glob("*.png")):
@@ -141,7 +119,8 @@ def demo_inference(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
         scores.append(instance_scores(read_instance_map(result["instances"]), gt))
     keys = ("instance_dice", "object_dice", "pixel_dice")
     summary = {f"demo_{k}": sum(s[k] for s in scores) / len(scores) for k in keys}
-    summary.update(demo_nuclei=sum(s["n_ground_truth"] for s in scores), demo_instances=sum(s["n_predicted"] for s in scores))
+    summary.update(demo_nuclei=sum(s["n_ground_truth"] for s in scores),
+                   demo_instances=sum(s["n_predicted"] for s in scores))
     dist.print0(f"demo inference on {len(scores)} test tiles ({summary['demo_nuclei']} clicked nuclei -> "
                 f"{summary['demo_instances']} instances): instance Dice {summary['demo_instance_dice']:.4f}, "
                 f"object Dice {summary['demo_object_dice']:.4f}, pixel Dice {summary['demo_pixel_dice']:.4f}; "
@@ -154,59 +133,52 @@ def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
     if cfg.demo:
-        prepare_demo_data(cfg, ctx)
+        prepare_demo(cfg)  # synthetic CoNSeP tiles and their crops, built once
     out = start_run(cfg, "nuclick train", ctx)
-    train_loader, valid_loader, sampler = build_loaders(cfg, ctx)
+    train_loader, val_loader, sampler = build_loaders(cfg, ctx)
     model = build_model_for(cfg, ctx)
     dist.print0(f"BasicUNet features {list(model.features)}: {count_parameters(model)[0]:,} parameters; "
-                f"{len(train_loader.dataset)} training / {len(valid_loader.dataset)} validation crops")
-    ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
-        if ctx.distributed else model
+                f"{len(train_loader.dataset)} training / {len(val_loader.dataset)} validation crops")
+    ddp = wrap_ddp(model, ctx)
     optimizer = build_optimizer(cfg, model)
+    scheduler = None  # constant learning rate: the recipe has no schedule (nuclick.md §7)
     amp = MixedPrecision(ctx.device, cfg.precision)
-    steps_per_epoch = min(math.ceil(sampler.num_samples / cfg.batch_size), cfg.max_steps_per_epoch or 1 << 62)
-    run = {"epoch": 0, "step": 0, "steps_per_epoch": steps_per_epoch}
-    best = -1.0
+    steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
 
-    def save_last(epoch: int, at_step: int, name: str = "last.pt") -> None:
-        save_training_state_collective(out / name, is_main=ctx.is_main, model=model, optimizer=optimizer,
-                                       scaler=amp.scaler, epoch=epoch, step=at_step, best_metric=best,
-                                       config=cfg.to_dict(), extra={"axis_order": model.axis_order})
-
-    resume_path = find_resume(out) if cfg.resume else None
-    if resume_path is not None:
-        state = load_training_state(resume_path, model=model, optimizer=optimizer, scaler=amp.scaler)
-        model.set_axis_order(state.get("axis_order") or "hw")
-        run["step"], best = state["step"], state["best_metric"] if state["best_metric"] is not None else -1.0
-        dist.print0(f"resumed from {resume_path} at epoch {state['epoch']}, step {run['step']}")
+    state = TrainState(extra={"axis_order": model.axis_order})  # every checkpoint records it
+    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp)
+    if ckpt.resume(state):
+        model.set_axis_order(state.extra["axis_order"])
     logger = MetricLogger(out)
-    guide_valid = GuidanceConfig(cfg.valid_drop_rate, cfg.use_distance, cfg.gaussian, cfg.sigma, cfg.truncated)
+    guide_val = field_group(cfg, GuidanceConfig, drop_rate=cfg.val_drop_rate)
     metrics: dict = {}
-    for epoch in range(run["step"] // steps_per_epoch, cfg.epochs):
-        run["epoch"] = epoch
-        sampler.set_epoch(epoch, skip=(run["step"] - epoch * steps_per_epoch) * cfg.batch_size)
+    for epoch in range(state.epoch, cfg.epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
         t0 = time.time()
-        train_stats = train_one_epoch(ddp, train_loader, optimizer, amp, ctx, cfg, run, logger, save_last)
-        metrics = evaluate(model, valid_loader, amp, ctx, cfg.seed, epoch, guide_valid,
-                           out / "valid_preview.png" if cfg.preview else None,
+        train_stats = train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt,
+                                      steps_per_epoch)
+        metrics = evaluate(model, val_loader, amp, ctx, cfg.seed, epoch, guide_val,
+                           out / "val_preview.png" if cfg.preview else None,
                            channels_last=cfg.channels_last and ctx.device.type == "cuda")
-        dist.print0(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_stats.get('loss', float('nan')):.4f} | "
-                    f"valid Dice {metrics['dice']:.4f} acc {metrics['accuracy']:.4f} loss {metrics['loss']:.4f} "
+        state.epoch = epoch + 1
+        dist.print0(f"epoch {state.epoch}/{cfg.epochs}: train loss {train_stats.get('loss', float('nan')):.4f} | "
+                    f"val Dice {metrics['dice']:.4f} acc {metrics['accuracy']:.4f} loss {metrics['loss']:.4f} "
                     f"({metrics['samples']:.0f} crops) [{time.time() - t0:.0f}s]")
-        logger.log(run["step"], metrics, prefix="valid", epoch=epoch + 1)
-        if metrics["dice"] > best:
-            best = metrics["dice"]
-            save_last(epoch + 1, run["step"], "best.pt")
-        save_last(epoch + 1, run["step"])
+        logger.log(state.step, metrics, prefix="val", epoch=state.epoch)
+        if state.improved(metrics["dice"]):
+            ckpt.save(state, "best.pt")
+        ckpt.save(state, "last.pt")
     logger.close()
-    result = {"best_valid_dice": best, "last": metrics, "run_dir": str(out)}
+
+    result = {"best_val_dice": state.best, "last": metrics, "run_dir": str(out)}
     if cfg.demo and ctx.is_main:  # inference needs no collectives: rank 0 alone
         result.update(demo_inference(cfg, ctx))
-    if ctx.is_main:
-        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
+    write_result(out, result, ctx)
     dist.cleanup()
     return result
 
 
 if __name__ == "__main__":
-    dist.launch(main, parse_config(TrainConfig))
+    with exit_on_user_error():
+        dist.launch(main, parse_config(TrainConfig))

@@ -11,7 +11,6 @@ Ratios end-to-end / min(loader, model) near 1 mean the two overlap well.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 
@@ -20,13 +19,14 @@ from torch.utils.data import DataLoader
 
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.config import parse_config
+from common.config import ArgumentParser, field_choices, field_comments, parse_config
 from common.dist import DistContext, resolve_device, worker_init_fn
+from common.errors import exit_on_user_error
 from pretrain.config import PretrainConfig
 from pretrain.methods import METHODS, build_method
-from pretrain.pack import ShardAwareSampler, ShardedImages
-from pretrain.schedule import build_optimizer
-from pretrain.train import packed_splits, update
+from pretrain.shards import ShardAwareSampler, ShardedImages
+from pretrain.schedule import build_optimizer, gradient_clip
+from pretrain.train import packed_splits
 from pretrain.views import make_views
 
 
@@ -69,7 +69,8 @@ def bench_method(method: str, args) -> dict[str, float]:
             loss, _ = model(views, labels.to(device), 1, gen)
         amp.backward(loss)
         model.after_backward(1)
-        update(model, optimizer, amp, cfg)
+        amp.step(optimizer, [p for p in model.parameters() if p.requires_grad], cfg.clip_norm,
+                 clip_fn=gradient_clip(cfg.method), zero_grad=True)
         model.after_update(i, 10 ** 6)
 
     fixed_images, fixed_labels = next(stream)
@@ -87,12 +88,13 @@ def _forever(loader):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to time")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--batch-size", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=0, help="images per step (0: the method's batch size)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
+    parser.add_argument("--device", default="auto", choices=field_choices(PretrainConfig)["device"],
+                        help=field_comments(PretrainConfig)["device"])
     parser.add_argument("--full", action="store_true", help="recipe backbones and data_root instead of the demo")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -107,4 +109,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

@@ -11,11 +11,11 @@ strict=False)`` after checking that only ``fc.*`` / ``head.*`` are missing, or w
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from common.backbones import import_backbone
-from common.checkpoint import CheckpointError
+from common.config import ArgumentParser
+from common.errors import exit_on_user_error
 from common.io import atomic_torch_save
 
 
@@ -26,20 +26,17 @@ def convert(checkpoint: str, out: str, arch: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    parser.add_argument("checkpoint")
+    parser = ArgumentParser(description=__doc__.strip().split("\n")[0])
+    parser.add_argument("checkpoint", help="released checkpoint (SimCLR, MoCo, BYOL, DINO, MAE, torchvision, timm, run)")
     parser.add_argument("--out", required=True, help="output .pt (plain backbone state_dict)")
-    parser.add_argument("--arch", default=None, help="expected architecture (default: inferred from the weights)")
+    parser.add_argument("--arch", default=None, help="expected architecture (none: inferred from the weights)")
     args = parser.parse_args(argv)
-    try:
-        imported = convert(args.checkpoint, args.out, args.arch)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    imported = convert(args.checkpoint, args.out, args.arch)
     print(imported.report())
     print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_user_error():
+        sys.exit(main())

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from common.augment import (apply_color_jitter, apply_flip, apply_resized_crop, sample_color_jitter, sample_flags,
                             sample_resized_crop)
+from common.errors import DataError
 from common.image import read_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
@@ -96,14 +97,14 @@ def ptcga_items(root: str | Path, split: str, split_file: str | Path, fold: str 
     try:
         names = set(splits[str(fold)][split]["imgs"])
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{split_file}: no fold {fold!r} / split {split!r} with 'imgs' ({err})") from err
+        raise DataError(f"{split_file}: no fold {fold!r} / split {split!r} with 'imgs' ({err})") from err
     items = []
     for organ in sorted(d.name for d in root.iterdir() if d.is_dir() and d.name != "thumbnail_position_map"):
         if organ not in ORGAN2ID:
-            raise ValueError(f"{root / organ}: unknown organ folder (known: {sorted(ORGAN2ID)})")
+            raise DataError(f"{root / organ}: unknown organ folder (known: {sorted(ORGAN2ID)})")
         items += [(str(p), ORGAN2ID[organ]) for p in _images_under(root / organ) if p.name in names]
     if len(items) != len(names):
-        raise ValueError(f"{split_file}: {len(names) - len(items)} of {len(names)} {split} images not found under {root}")
+        raise DataError(f"{split_file}: {len(names) - len(items)} of {len(names)} {split} images not found under {root}")
     return items
 
 
@@ -141,12 +142,12 @@ class PCamH5(Dataset):
                 raise FileNotFoundError(f"{p}: PCam HDF5 file not found")
             with h5py.File(p, "r") as fh:
                 if key not in fh:
-                    raise ValueError(f"{p}: no dataset {key!r} (keys {list(fh)})")
+                    raise DataError(f"{p}: no dataset {key!r} (keys {list(fh)})")
                 n = len(fh[key])
             if key == "x":
                 self.n = n
             elif n != self.n:
-                raise ValueError(f"{self.y_path}: {n} labels for {self.n} images in {self.x_path}")
+                raise DataError(f"{self.y_path}: {n} labels for {self.n} images in {self.x_path}")
         self._x = self._y = None
 
     def __len__(self) -> int:
@@ -174,7 +175,7 @@ def build_dataset(kind: str, root: str, split: str, split_file: str = "", fold: 
 def validate_dataset(ds: Dataset, name: str) -> tuple[int, ...]:
     """Read the first item: fail at start-up (not mid-epoch) on unreadable files; returns its shape."""
     if len(ds) == 0:
-        raise ValueError(f"{name}: empty dataset")
+        raise DataError(f"{name}: empty dataset")
     x, _ = ds[0]
     return tuple(x.shape)
 

@@ -4,6 +4,7 @@
 
 The checkpoint's stored config gives the architecture, dataset and transforms. Writes
 ``metrics.json`` (accuracy, balanced accuracy, AUC, confusion matrix) and ``roc.png``.
+``pretrain/finetune.py`` validates with :func:`evaluate` from here.
 """
 from __future__ import annotations
 
@@ -19,11 +20,35 @@ from common.amp import MixedPrecision
 from common.checkpoint import CheckpointError, load_file
 from common.io import atomic_write_text
 from common.config import config_from_dict, parse_config
-from common.metrics.classification import roc_curve
+from common.logging import progress
+from common.metrics.classification import classification_metrics, roc_curve
+from common.errors import exit_on_user_error
 from pretrain.config import EvalConfig, FinetuneConfig
-from pretrain.dataset import build_dataset, validate_dataset
-from pretrain.finetune import classification_metrics, predict
+from pretrain.dataset import build_dataset, eval_transform, validate_dataset
 from pretrain.model import build_classifier
+
+
+@torch.no_grad()
+def predict(model, loader, amp, ctx, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N, C) and labels (N,) of the whole split, gathered from all ranks."""
+    model.eval()
+    probs, labels = [], []
+    for images, y in progress(loader, desc="evaluate"):
+        x = eval_transform(images.to(ctx.device, non_blocking=True), cfg.image_size, cfg.eval_crop, cfg.mean, cfg.std)
+        with amp.autocast():
+            probs.append(model(x).float().softmax(1).cpu())
+        labels.append(torch.as_tensor(y))
+    if probs:
+        local = (torch.cat(probs).numpy(), torch.cat(labels).numpy())
+    else:  # an empty shard
+        local = (np.zeros((0, cfg.num_classes)), np.zeros(0))
+    parts = dist.all_gather_object(local)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
+
+
+def evaluate(model, loader, amp, ctx, cfg) -> dict:
+    """:func:`common.metrics.classification.classification_metrics` of the model on ``loader``."""
+    return classification_metrics(*predict(model, loader, amp, ctx, cfg))
 
 
 def load_run(path: str) -> tuple[torch.nn.Module, FinetuneConfig]:
@@ -78,4 +103,5 @@ def run(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    dist.launch(run, parse_config(EvalConfig))
+    with exit_on_user_error():
+        dist.launch(run, parse_config(EvalConfig))

@@ -13,11 +13,12 @@ e.g. ``target_backbone.`` for BYOL's target or ``student.`` for DINO's student).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from common.backbones import import_backbone
 from common.checkpoint import CheckpointError, load_file
+from common.config import ArgumentParser
+from common.errors import exit_on_user_error
 from common.io import atomic_torch_save
 
 
@@ -43,7 +44,7 @@ def export_backbone(source: str | Path, out: str | Path, prefix: str = "") -> di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("source", help="run folder (uses last.pt) or checkpoint file")
     parser.add_argument("--out", required=True, help="output .pt (plain backbone state_dict)")
     parser.add_argument("--prefix", default="", help="export another sub-network, e.g. target_backbone.")
@@ -56,4 +57,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

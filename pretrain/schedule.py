@@ -92,3 +92,9 @@ def clip_per_parameter(params, clip: float) -> torch.Tensor:
     for grad, norm in zip(grads, norms):
         grad.mul_((clip / (norm + 1e-6)).clamp(max=1.0))
     return torch.stack(norms).max()
+
+
+def gradient_clip(method: str):
+    """The recipe's clipping rule for ``common.amp`` (``clip_fn``): DINO clips each parameter's
+    gradient norm (:func:`clip_per_parameter`); the others the total norm (None: the default)."""
+    return clip_per_parameter if method == "dino" else None

@@ -87,13 +87,13 @@ def dino_specs(global_size: int = 224, local_size: int = 96, n_local: int = 8, m
                std=IMAGENET_STD) -> list[ViewSpec]:
     """DINO multi-crop: global 1 (blur always), global 2 (blur 0.1, solarize 0.2), ``n_local``
     locals (blur 0.5); all bicubic with HFlip, CJ(0.4, 0.4, 0.2, 0.1) p 0.8, Gray 0.2, normalise."""
-    common = dict(interpolation="bicubic", jitter=(0.4, 0.4, 0.2, 0.1), mean=tuple(mean), std=tuple(std))
+    shared = dict(interpolation="bicubic", jitter=(0.4, 0.4, 0.2, 0.1), mean=tuple(mean), std=tuple(std))
     ops = ("hflip", "jitter", "gray", "blur", "normalize")
-    specs = [ViewSpec(global_size, (0.4, 1.0), ops, blur_prob=1.0, **common),
+    specs = [ViewSpec(global_size, (0.4, 1.0), ops, blur_prob=1.0, **shared),
              ViewSpec(global_size, (0.4, 1.0), ops[:-1] + ("solarize", "normalize"), blur_prob=0.1,
-                      solarize_prob=0.2, **common)]
+                      solarize_prob=0.2, **shared)]
     if n_local:
-        specs.append(ViewSpec(local_size, (0.05, 0.4), ops, copies=n_local, blur_prob=0.5, **common))
+        specs.append(ViewSpec(local_size, (0.05, 0.4), ops, copies=n_local, blur_prob=0.5, **shared))
     return specs
 
 

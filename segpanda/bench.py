@@ -6,14 +6,15 @@ inference of a whole tile, per model, on the configured device. Prints numbers, 
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
 from common.amp import MixedPrecision
+from common.config import ArgumentParser, ConfigError, field_choices, field_comments, validated
 from common.dist import resolve_device
+from common.errors import exit_on_user_error
 from segpanda.config import ModelConfig
 from segpanda.eval import predict
 from segpanda.model import build_model
@@ -32,8 +33,10 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench(spec: str, args, device: torch.device) -> None:
-    name, backbone = spec.split(":")
-    cfg = ModelConfig(model=name, backbone=backbone, crop_size=args.crop_size)
+    name, sep, backbone = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"--models: expected MODEL:BACKBONE, got {spec!r}")
+    cfg = validated(ModelConfig(model=name, backbone=backbone, crop_size=args.crop_size))
     model = build_model(cfg).to(device)
     amp = MixedPrecision(device, args.precision)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -55,17 +58,19 @@ def bench(spec: str, args, device: torch.device) -> None:
           f"({t_train * 1000:7.0f} ms/step) | sliding window {args.tile}px tile {t_tile * 1000:7.0f} ms")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["deeplabv3:resnet50", "vit_upernet:vit_small_patch16_224"])
-    p.add_argument("--crop-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--sw-batch-size", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto")
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    choices, comments = field_choices(ModelConfig), field_comments(ModelConfig)
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=["deeplabv3:resnet50", "vit_upernet:vit_small_patch16_224"],
+                   help="MODEL:BACKBONE pairs, e.g. deeplabv3:resnet18 or vit_upernet:vit_small_patch16_224")
+    p.add_argument("--crop-size", type=int, default=224, help="training crop side in pixels")
+    p.add_argument("--batch-size", type=int, default=4, help="crops per training step")
+    p.add_argument("--tile", type=int, default=512, help="side of the tile inferred by sliding window")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up (averaged)")
+    p.add_argument("--device", default="auto", choices=choices["device"], help=comments["device"])
+    p.add_argument("--precision", default="auto", choices=choices["precision"], help=comments["precision"])
+    args = p.parse_args(argv)
     device = resolve_device(args.device)
     print(f"device {device}, threads {torch.get_num_threads()}, crop {args.crop_size}, batch {args.batch_size}")
     for spec in args.models:
@@ -73,4 +78,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

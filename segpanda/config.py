@@ -4,12 +4,12 @@ the segPANDA branch of its training loop (see ../shared/reference/pretrain-segpa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from common.config import BaseConfig, default_cache_dir
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-MODELS = ("deeplabv3", "vit_upernet", "vit_progressive")
 
 
 def demo_root() -> str:
@@ -25,20 +25,20 @@ class AugmentConfig:
 
     crop_size: int = 224
     flip_prob: float = 0.5  # horizontal and vertical, each
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    blur_prob: float = 0.5
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    jitter_prob: float = 0.8  # probability of colour jitter per tile
+    brightness: float = 0.4  # colour jitter brightness factor range 1 +- brightness
+    contrast: float = 0.4  # colour jitter contrast factor range 1 +- contrast
+    saturation: float = 0.4  # colour jitter saturation factor range 1 +- saturation
+    hue: float = 0.1  # colour jitter hue shift range +- hue (fraction of the colour circle)
+    blur_prob: float = 0.5  # probability of a Gaussian blur per tile
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # blur sigma range [min, max] in pixels
 
 
 @dataclass
 class ModelConfig(BaseConfig):
     """What builds the network; shared by training and evaluation."""
 
-    model: str = "deeplabv3"  # deeplabv3 | vit_upernet | vit_progressive
+    model: Literal["deeplabv3", "vit_upernet", "vit_progressive"] = "deeplabv3"  # segmentation network
     backbone: str = "resnet50"  # resnet18/34/50/101 (deeplabv3) or a timm ViT name, e.g. vit_large_patch16_224
     backbone_layers: list[int] = field(default_factory=list)  # ResNet blocks per stage ([]: the standard depth)
     num_classes: int = 6  # 0 background/unknown, 1 stroma, 2 benign, 3/4/5 Gleason 3/4/5
@@ -47,12 +47,10 @@ class ModelConfig(BaseConfig):
     vit_indices: list[int] = field(default_factory=list)  # ViT blocks feeding the head ([]: 4 evenly spaced)
     head_channels: int = 256  # width of the ViT heads
     crop_size: int = 224  # training crop (PatchTCGA image_size); the ViT position grid is resized to it
-    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # RGB normalisation mean
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # RGB normalisation std
 
     def validate(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         is_vit = self.backbone.startswith("vit_")
         if (self.model == "deeplabv3") == is_vit:
             raise ValueError(f"backbone {self.backbone!r} does not fit model {self.model!r} "
@@ -70,37 +68,37 @@ class TrainConfig(ModelConfig, AugmentConfig):
     # backbone init. imagenet: torchvision <ResNet>_Weights.IMAGENET1K_V1, as PatchTCGA's DeepLabv3 (cached by
     # torch.hub, downloaded when absent; standard-depth ResNets only, a ViT needs a PATH) | none: random weights |
     # PATH: any backbone checkpoint common.backbones imports (torchvision/timm, SimCLR, MoCo, BYOL, DINO, MAE, runs)
-    pretrained: str = "imagenet"
+    pretrained: str = "imagenet"  # backbone initialisation: imagenet | none | PATH of a backbone checkpoint
     init_checkpoint: str = ""  # whole-model weights: the released segPANDA200 DeepLabv3 .pt or a run's best.pt
     # (then --pretrained imagenet is skipped: the checkpoint sets the whole network)
     initialisation: str = ""  # written by the run (config.json, checkpoints): what it started from; not an input
     seed: int = 1234
     # recipe (PatchTCGA config.py; the exact settings of the 69.61 model are unverified)
-    epochs: int = 5
+    epochs: int = 5  # passes over the training tiles (the schedule's length)
     max_updates: int = 1000  # stop_num_updates (0: run all epochs)
     batch_size: int = 128  # per process
     lr: float = 1e-4  # at base_batch_size; scaled linearly (real division, not upstream's floor)
-    base_batch_size: int = 512
-    weight_decay: float = 5e-5
+    base_batch_size: int = 512  # global batch size at which the peak lr equals lr
+    weight_decay: float = 5e-5  # AdamW weight decay
     warmup_epochs: float = 1.0  # linear from lr to the scaled lr, then cosine to min_lr
-    min_lr: float = 1e-6
-    clip_norm: float = 1.0
+    min_lr: float = 1e-6  # lr at the end of the cosine
+    clip_norm: float = 1.0  # gradient norm clipping (0: off)
     ignore_index: int = -1  # -1: none (PatchTCGA trains and counts class 0)
     class_weights: list[float] = field(default_factory=list)  # [] = unweighted cross-entropy
     # evaluation
     eval_every: int = 200  # updates between validations (also at every epoch end)
     val_crop_size: int = 224  # centre crop of validation/test tiles (PatchTCGA); 0 = whole tile, sliding window
-    sw_overlap: float = 0.25
-    sw_batch_size: int = 8
+    sw_overlap: float = 0.25  # sliding window: overlap of neighbouring windows (fraction of crop_size)
+    sw_batch_size: int = 8  # sliding window: windows per forward pass
     best_metric: str = "patchtcga_miou_macro"  # key of the metrics dict that selects best.pt
     num_overlays: int = 8  # overlay PNGs of test predictions written by rank 0
     validate_values: bool = True  # decode every mask at start-up to check label values (else on load)
     # engineering
-    valid_batch_size: int = 0  # 0: batch_size (1 when tiles are evaluated whole)
+    val_batch_size: int = 0  # 0: batch_size (1 when tiles are evaluated whole)
     channels_last: bool = True  # used on CUDA
     checkpoint_every: int = 0  # also save last.pt every N updates
-    log_every: int = 10
-    max_steps_per_epoch: int = 0
+    log_every: int = 10  # updates between progress and metrics lines
+    max_steps_per_epoch: int = 0  # 0 = whole epoch
     demo: bool = False  # synthetic tiles in the real layout, small model; prints the test mIoU
 
     @classmethod
@@ -127,14 +125,14 @@ class EvalConfig(ModelConfig):
     """Evaluate a checkpoint on a split: mIoU (both variants), Dice, pixel accuracy, overlays."""
 
     output_dir: str = "outputs/segpanda"
-    data_root: str = "./datasets/segPANDA200"
-    split: str = "test"
+    data_root: str = "./datasets/segPANDA200"  # <root>/{train,val,test}/<ISUP 0-5>/<slide>/<name>.jpg + _mask.png
+    split: Literal["train", "val", "test"] = "test"  # the split evaluated
     checkpoint: str = ""  # a run's best.pt/last.pt or the released segPANDA200 DeepLabv3 state_dict
     val_crop_size: int = 224  # 0 = whole tiles with sliding-window inference at crop_size
-    sw_overlap: float = 0.25
-    sw_batch_size: int = 8
-    batch_size: int = 16
-    ignore_index: int = -1
-    num_overlays: int = 16
-    validate_values: bool = True
+    sw_overlap: float = 0.25  # sliding window: overlap of neighbouring windows (fraction of crop_size)
+    sw_batch_size: int = 8  # sliding window: windows per forward pass
+    batch_size: int = 16  # tiles per batch
+    ignore_index: int = -1  # label not counted in the metrics (-1: none)
+    num_overlays: int = 16  # overlay PNGs of predictions written
+    validate_values: bool = True  # decode every mask at start-up to check label values (else on load)
     use_checkpoint_config: bool = True  # a run's checkpoint sets the model fields (model, backbone, crop, ...)

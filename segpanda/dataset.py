@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from common.augment import (apply_blur, apply_color_jitter, apply_crop, apply_flip, blur_kernel_size,
                             sample_color_jitter, sample_crop, sample_flags)
+from common.errors import UserError
 from segpanda.config import AugmentConfig
 
 CLASS_NAMES = ("background", "stroma", "benign", "gleason3", "gleason4", "gleason5")
@@ -31,7 +32,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = "_mask.png"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A segPANDA folder or file that cannot be used; the message names it."""
 
 

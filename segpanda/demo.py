@@ -6,19 +6,24 @@ Gleason 3/4/5: increasingly small, dense, dark nuclei), with noise and JPEG comp
 RGB PNGs with the label in channel 0, as in the released data::
 
     <root>/{train,val,test}/<ISUP>/<slide>/<slide>_level0_x<X>_y<Y>.jpg + ..._mask.png
+
+Generated once per parameter set (:mod:`common.cache`: keyed, locked, atomic).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common.io import atomic_write, atomic_write_text
+from common import dist
+from common.cache import build_once
+from common.io import atomic_write
+from segpanda.config import TrainConfig
 
-MARKER = ".complete"
+VERSION = 1
+DEFAULT_COUNTS = {"train": 192, "val": 8, "test": 16}  # tiles per split
 # base RGB per class and (texture period px, texture strength, nuclear density)
 _BASE = np.array([[236, 232, 236], [232, 150, 190], [200, 150, 215], [170, 90, 170], [140, 60, 150], [100, 35, 120]],
                  np.float32)
@@ -59,14 +64,26 @@ def _write(path: Path, array: np.ndarray, fmt: str) -> None:
 
 
 def make_demo(root: str | Path, counts: dict[str, int] | None = None, size: int = 256, seed: int = 0) -> DemoLayout:
-    """Generate the tiles once; the completion marker is written last, so an interrupted run restarts."""
-    root = Path(root)
-    if (root / MARKER).is_file():
-        return DemoLayout(root, False, 0.0)
-    t0 = time.time()
-    counts = counts or {"train": 192, "val": 8, "test": 16}
+    """The tiles in ``root``, generated once per parameter set (a build-once cache, :mod:`common.cache`)."""
+    params = {"counts": list((counts or DEFAULT_COUNTS).items()), "size": size, "seed": seed}  # pairs: order matters
+    cache = build_once(root, lambda folder: _write_set(folder, **params), params, generator="segpanda.demo",
+                       version=VERSION)
+    return DemoLayout(Path(root), cache.built, cache.seconds)
+
+
+def prepare_demo(cfg: TrainConfig) -> None:
+    """``train.py --demo``: the tiles in ``cfg.data_root``, built once by rank 0 while the other ranks wait."""
+    dist.run_on_main(_prepare_on_main, cfg)
+
+
+def _prepare_on_main(cfg: TrainConfig) -> None:
+    layout = make_demo(cfg.data_root)
+    print(f"demo data in {layout.root} ({'generated in %.0fs' % layout.seconds if layout.generated else 'cached'})")
+
+
+def _write_set(root: Path, counts: list[tuple[str, int]], size: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    for split, n in counts.items():
+    for split, n in counts:
         for i in range(n):
             grade = int(rng.integers(0, 6))
             # ISUP 0 slides hold no cancer; higher grades add Gleason patterns
@@ -78,5 +95,3 @@ def make_demo(root: str | Path, counts: dict[str, int] | None = None, size: int 
             folder.mkdir(parents=True, exist_ok=True)
             _write(folder / f"{name}.jpg", image, "JPEG")
             _write(folder / f"{name}_mask.png", np.repeat(labels[..., None], 3, 2), "PNG")
-    atomic_write_text(root / MARKER, "ok\n")
-    return DemoLayout(root, True, time.time() - t0)

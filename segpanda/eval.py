@@ -25,6 +25,7 @@ from common.logging import progress
 from common.metrics.miou import ConfusionMatrix
 from common.sliding_window import sliding_window_inference
 from common.config import BaseConfig
+from common.errors import exit_on_user_error
 from segpanda.config import EvalConfig, ModelConfig
 from segpanda.dataset import CLASS_NAMES, SegPandaDataset, eval_transform, find_samples, validate_samples
 from segpanda.model import build_model, load_segmentation_weights
@@ -156,4 +157,5 @@ def main(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    dist.launch(main, parse_config(EvalConfig))
+    with exit_on_user_error():
+        dist.launch(main, parse_config(EvalConfig))

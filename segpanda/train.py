@@ -16,24 +16,23 @@ at the end the test split is evaluated with ``best.pt`` and overlays are written
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator
-from common.checkpoint import find_resume, load_file, load_training_state, save_training_state_collective
-from common.io import atomic_write_text
-from common.config import exit_on_config_error, parse_config
-from common.logging import AverageMeter, MetricLogger, progress, start_run
+from common.checkpoint import load_file, unwrap_model
+from common.config import parse_config
+from common.logging import MetricLogger, progress, report_step, start_run
 from common.optim import patchtcga_scheduler, scaled_lr, split_decay_groups
 from common.pretrained import IMAGENET, PretrainedError, apply_initialisation, resolve_initialisation
+from common.training import Checkpointer, TrainState, wrap_ddp, write_result
+from common.errors import exit_on_user_error
 from segpanda.config import TrainConfig
 from segpanda.dataset import (SegPandaDataset, find_samples, sample_augment, train_transform,
                               validate_samples)
@@ -41,6 +40,7 @@ from segpanda.eval import evaluate, format_metrics, make_eval_loader
 from segpanda.model import build_model, load_pretrained_backbone, load_segmentation_weights
 
 
+# ============================================================================= builders
 def build_train_loader(cfg: TrainConfig, ctx: dist.DistContext):
     samples = find_samples(cfg.data_root, "train")
     tile = None
@@ -102,20 +102,33 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: i
     return optimizer, scheduler, min(total, cfg.max_updates) if cfg.max_updates else total
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, amp, ctx, cfg: TrainConfig, epoch: int, step: int,
-                    steps_per_epoch: int, last_step: int, tile: tuple[int, int], logger: MetricLogger, hooks) -> int:
-    """One pass (or up to ``last_step``); ``hooks(epoch, step)`` validates / checkpoints in between."""
+def build_eval_loader(cfg: TrainConfig, ctx: dist.DistContext, split: str):
+    return make_eval_loader(cfg.data_root, split, cfg.num_classes, cfg.val_crop_size,
+                            cfg.val_batch_size or cfg.batch_size, cfg.num_workers, ctx, cfg.validate_values)
+
+
+def prepare_demo_data(cfg: TrainConfig, ctx: dist.DistContext) -> None:
+    from segpanda.demo import prepare_demo
+    prepare_demo(cfg)
+
+
+# ============================================================================= loops
+def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, ctx, cfg: TrainConfig,
+                    logger: MetricLogger, ckpt: Checkpointer, val_loader, tile: tuple[int, int],
+                    steps_per_epoch: int, last_step: int) -> None:
+    """One pass (or up to ``last_step``); validates every ``eval_every`` updates and saves
+    ``last.pt`` every ``checkpoint_every``."""
     model.train()
     weight = torch.tensor(cfg.class_weights, device=ctx.device) if cfg.class_weights else None
-    meter = AverageMeter()
+    epoch = state.epoch
     end = min((epoch + 1) * steps_per_epoch, last_step)
-    bar = progress(total=end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,
+    bar = progress(total=end - epoch * steps_per_epoch, initial=state.steps_done(epoch, steps_per_epoch),
                    desc=f"epoch {epoch + 1}/{cfg.epochs}")
     for images, masks in loader:
-        if step >= end:
+        if state.step >= end:
             break
         images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
-        params = sample_augment(len(images), tile, cfg, make_generator(cfg.seed, ctx.rank, step))
+        params = sample_augment(len(images), tile, cfg, make_generator(cfg.seed, ctx.rank, state.step))
         x, y = train_transform(images, masks, params, cfg, cfg.image_mean, cfg.image_std)
         if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -124,27 +137,48 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, ctx, cfg: TrainCon
         loss = segmentation_loss(out, y, cfg, weight)
         grad_norm = amp.backward_step(loss, optimizer, model.parameters(), cfg.clip_norm)
         scheduler.step()
-        step += 1
-        meter.update(1, loss=loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.log_every == 0:
-            logger.log(step, {"loss": loss.item(), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]},
-                       prefix="train", epoch=epoch)
-        hooks(epoch, step, end_of_epoch=False)
+        state.step += 1
+        report_step(bar, logger, state.step, epoch, cfg.log_every, loss=loss.item(), grad_norm=grad_norm,
+                    lr=optimizer.param_groups[0]["lr"])
+        if cfg.eval_every and state.step % cfg.eval_every == 0:
+            validate(unwrap_model(model), val_loader, amp, state, ctx, cfg, logger, ckpt)  # not DDP: uneven shards
+            model.train()
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            ckpt.save(state)
     bar.close()
-    return step
 
 
-def prepare_demo_data(cfg: TrainConfig, ctx: dist.DistContext) -> None:
-    from segpanda.demo import make_demo
+def validate(model, loader, amp, state: TrainState, ctx, cfg: TrainConfig, logger: MetricLogger,
+             ckpt: Checkpointer) -> dict:
+    """Validation metrics, logged; ``best.pt`` when ``best_metric`` beats the best so far."""
+    metrics = evaluate(model, loader, amp, ctx, cfg.num_classes, cfg.crop_size, cfg.image_mean, cfg.image_std,
+                       cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap, desc="validate")
+    logger.log(state.step, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="val",
+               epoch=state.epoch)
+    dist.print0(f"step {state.step}: val mIoU {metrics['patchtcga_miou_macro']:.4f} (PatchTCGA macro) "
+                f"{metrics['miou_macro_nan']:.4f} (nan-macro) pixel acc {metrics['pixel_accuracy']:.4f}")
+    if state.improved(metrics[cfg.best_metric]):
+        ckpt.save(state, "best.pt")
+    return metrics
 
+
+def final_test(model, loader, amp, state: TrainState, ctx, cfg: TrainConfig, logger: MetricLogger,
+               out: Path) -> dict:
+    """Evaluate ``best.pt`` (else the current weights) on the test split; overlays in ``out/overlays``."""
+    best_path = out / "best.pt"
+    if best_path.is_file():
+        model.load_state_dict(load_file(best_path)["model"])
+    metrics = evaluate(model, loader, amp, ctx, cfg.num_classes, cfg.crop_size, cfg.image_mean, cfg.image_std,
+                       cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap, overlay_dir=out / "overlays",
+                       num_overlays=cfg.num_overlays, desc="test")
+    logger.log(state.step, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="test")
     if ctx.is_main:
-        layout = make_demo(cfg.data_root)
-        print(f"demo data in {layout.root} ({'generated in %.0fs' % layout.seconds if layout.generated else 'cached'})")
-    dist.barrier()
+        print(f"test ({len(loader.dataset)} tiles, {'best.pt' if best_path.is_file() else 'last weights'}):\n"
+              f"{format_metrics(metrics)}\noverlays: {out / 'overlays'}")
+    return {"test": metrics}
 
 
+# ============================================================================= main
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
@@ -154,84 +188,38 @@ def main(cfg: TrainConfig) -> dict:
     out = start_run(cfg, "segpanda train", ctx)
     dist.print0(f"initialisation: {cfg.initialisation}")
     train_loader, sampler, tile = build_train_loader(cfg, ctx)
-    eval_loader = lambda split: make_eval_loader(cfg.data_root, split, cfg.num_classes, cfg.val_crop_size,
-                                                 cfg.valid_batch_size or cfg.batch_size, cfg.num_workers, ctx,
-                                                 cfg.validate_values)
-    valid_loader = eval_loader("val")
-    ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
-        if ctx.distributed else model
+    val_loader = build_eval_loader(cfg, ctx, "val")
+    ddp = wrap_ddp(model, ctx)
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
     optimizer, scheduler, last_step = build_optimizer(cfg, model, steps_per_epoch, ctx.world_size)
     amp = MixedPrecision(ctx.device, cfg.precision)
-    step, best, start_epoch = 0, -1.0, 0
 
-    def save(epoch: int, at_step: int, name: str = "last.pt") -> None:
-        save_training_state_collective(out / name, is_main=ctx.is_main, model=model, optimizer=optimizer,
-                                       scheduler=scheduler, scaler=amp.scaler, epoch=epoch, step=at_step,
-                                       best_metric=best, config=cfg.to_dict())
-
-    resume_path = find_resume(out) if cfg.resume else None
-    if resume_path is not None:
-        state = load_training_state(resume_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=amp.scaler)
-        step, start_epoch = state["step"], state["epoch"]  # completed steps / completed epochs
-        best = state["best_metric"] if state["best_metric"] is not None else -1.0
-        dist.print0(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+    state = TrainState()
+    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp)
+    ckpt.resume(state)
     logger = MetricLogger(out)
-
-    def validate(epoch: int, at_step: int) -> dict:
-        nonlocal best
-        metrics = evaluate(model, valid_loader, amp, ctx, cfg.num_classes, cfg.crop_size, cfg.image_mean,
-                           cfg.image_std, cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap, desc="validate")
-        model.train()
-        logger.log(at_step, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="valid", epoch=epoch)
-        dist.print0(f"step {at_step}: valid mIoU {metrics['patchtcga_miou_macro']:.4f} (PatchTCGA macro) "
-                    f"{metrics['miou_macro_nan']:.4f} (nan-macro) pixel acc {metrics['pixel_accuracy']:.4f}")
-        if metrics[cfg.best_metric] > best:
-            best = metrics[cfg.best_metric]
-            save(epoch, at_step, "best.pt")
-        return metrics
-
-    def hooks(epoch: int, at_step: int, end_of_epoch: bool) -> None:
-        if not end_of_epoch and cfg.eval_every and at_step % cfg.eval_every == 0:
-            validate(epoch, at_step)
-        if end_of_epoch or (cfg.checkpoint_every and at_step % cfg.checkpoint_every == 0):
-            save(epoch + int(end_of_epoch and at_step % steps_per_epoch == 0), at_step)
-
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= last_step:
+    for epoch in range(state.epoch, cfg.epochs):
+        if state.step >= last_step:
             break
-        sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.batch_size)
+        state.epoch = epoch
+        sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
         t0 = time.time()
-        step = train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, ctx, cfg, epoch, step, steps_per_epoch,
-                               last_step, tile, logger, hooks)
-        if not (cfg.eval_every and step % cfg.eval_every == 0):  # not just validated
-            validate(epoch + 1, step)
-        hooks(epoch, step, end_of_epoch=True)
-        dist.print0(f"epoch {epoch + 1}/{cfg.epochs} done at step {step} [{time.time() - t0:.0f}s]")
-    result = test_best(cfg, ctx, model, amp, eval_loader("test"), out, logger, step)
-    result.update(best_valid=best, run_dir=str(out))
+        train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt, val_loader,
+                        tile, steps_per_epoch, last_step)
+        just_validated = cfg.eval_every and state.step % cfg.eval_every == 0
+        state.epoch = epoch + int(state.epoch_finished(epoch, steps_per_epoch))  # not when max_updates stopped it
+        if not just_validated:
+            validate(model, val_loader, amp, state, ctx, cfg, logger, ckpt)
+        ckpt.save(state)
+        dist.print0(f"epoch {epoch + 1}/{cfg.epochs} done at step {state.step} [{time.time() - t0:.0f}s]")
+    result = final_test(model, build_eval_loader(cfg, ctx, "test"), amp, state, ctx, cfg, logger, out)
+    result.update(best_val=state.best, run_dir=str(out))
     logger.close()
-    if ctx.is_main:
-        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
+    write_result(out, result, ctx)
     dist.cleanup()
     return result
 
 
-def test_best(cfg: TrainConfig, ctx, model, amp, loader, out: Path, logger: MetricLogger, step: int) -> dict:
-    """Evaluate ``best.pt`` (else the current weights) on the test split; overlays in ``out/overlays``."""
-    best_path = out / "best.pt"
-    if best_path.is_file():
-        model.load_state_dict(load_file(best_path)["model"])
-    metrics = evaluate(model, loader, amp, ctx, cfg.num_classes, cfg.crop_size, cfg.image_mean, cfg.image_std,
-                       cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap, overlay_dir=out / "overlays",
-                       num_overlays=cfg.num_overlays, desc="test")
-    logger.log(step, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="test")
-    if ctx.is_main:
-        print(f"test ({len(loader.dataset)} tiles, {'best.pt' if best_path.is_file() else 'last weights'}):\n"
-              f"{format_metrics(metrics)}\noverlays: {out / 'overlays'}")
-    return {"test": metrics}
-
-
 if __name__ == "__main__":
-    with exit_on_config_error():
+    with exit_on_user_error():
         dist.launch(main, parse_config(TrainConfig))

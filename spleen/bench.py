@@ -22,6 +22,7 @@ from common.amp import MixedPrecision
 from common.config import parse_config
 from common.dist import resolve_device
 from common.sliding_window import window_count
+from common.errors import exit_on_user_error
 from spleen.config import BenchConfig
 from spleen.model import build_model, load_unet_weights, predict_logits
 
@@ -126,4 +127,5 @@ def main(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(BenchConfig))
+    with exit_on_user_error():
+        main(parse_config(BenchConfig))

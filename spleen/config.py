@@ -3,6 +3,7 @@ v0.5.9 (see ../shared/reference/spleen.md); every field is a command-line flag (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from common.config import BaseConfig, ConfigError, default_cache_dir
 
@@ -12,8 +13,6 @@ def demo_root() -> str:
 
 
 def _check_window(cfg) -> None:
-    if cfg.sw_mode not in ("constant", "gaussian"):
-        raise ConfigError(f"--sw-mode must be constant or gaussian, got {cfg.sw_mode!r}")
     if not 0 <= cfg.sw_overlap < 1:
         raise ConfigError(f"--sw-overlap must be in [0, 1), got {cfg.sw_overlap}")
     if len(cfg.roi_size) != 3 or min(cfg.roi_size) < 1:
@@ -30,44 +29,44 @@ class TrainConfig(BaseConfig):
     val_count: int = 9  # the last 9 sorted cases validate (bundle)
     cache_dir: str = ""  # preprocessed volumes; default <output_dir>/cache
     # preprocessing
-    pixdim: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])
-    hu_range: list[float] = field(default_factory=lambda: [-57.0, 164.0])
+    pixdim: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])  # voxel spacing (mm) volumes are resampled to
+    hu_range: list[float] = field(default_factory=lambda: [-57.0, 164.0])  # HU window scaled to [0, 1], clipped
     # crops
-    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])  # training crop size (voxels)
     num_samples: int = 4  # crops per volume; a batch of 2 volumes = 8 crops
-    pos: float = 1.0
-    neg: float = 1.0
+    pos: float = 1.0  # weight of crops centred on spleen voxels (RandCropByPosNegLabeld)
+    neg: float = 1.0  # weight of crops centred on background voxels
     intensity_shift: float = 0.0  # RandShiftIntensity offsets (tutorial 0.1; not in the bundle)
-    intensity_shift_prob: float = 0.5
+    intensity_shift_prob: float = 0.5  # probability of the intensity shift per crop
     # network
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    num_res_units: int = 2
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # UNet widths per level
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2])  # down-sampling between levels
+    num_res_units: int = 2  # residual units per UNet block
     # optimisation
-    epochs: int = 800
+    epochs: int = 800  # passes over the training volumes
     batch_size: int = 2  # volumes per process and step
     lr: float = 2e-3  # Novograd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # Novograd's two moment decay rates
+    weight_decay: float = 0.0  # Novograd weight decay
     lr_step_size: int = 5000  # StepLR per epoch (never fires within 800 epochs)
-    lr_gamma: float = 0.1
+    lr_gamma: float = 0.1  # StepLR factor
     seed: int = 123
     num_workers: int = 4
     # validation: sliding window in the resampled space
-    val_every: int = 1
-    sw_batch_size: int = 4
-    sw_overlap: float = 0.5
-    sw_mode: str = "constant"
+    val_every: int = 1  # epochs between validations
+    sw_batch_size: int = 4  # windows per forward pass
+    sw_overlap: float = 0.5  # overlap of neighbouring windows (fraction of roi_size)
+    sw_mode: Literal["constant", "gaussian"] = "constant"  # blending of overlapping windows (bundle: constant)
     # engineering
     init_checkpoint: str = ""  # start from the bundle's model.pt or a project checkpoint
     sync_bn: bool = False  # SyncBatchNorm under DDP (the bundle uses plain BN per process)
     channels_last: bool = False  # channels_last_3d activations (try on recent GPUs)
     max_steps_per_epoch: int = 0  # 0 = whole epoch
     checkpoint_every: int = 0  # also save last.pt every N steps (0: at epoch ends)
-    log_every: int = 10
+    log_every: int = 10  # steps between progress and metrics lines
     # demo: synthetic MSD-layout CT, train, validate, then infer.py + eval.py on the demo test cases
-    demo: bool = False
-    demo_cases: int = 10
+    demo: bool = False  # synthetic CT in the MSD layout, small settings, then inference and evaluation
+    demo_cases: int = 10  # synthetic volumes generated for the demo
 
     @classmethod
     def demo_preset(cls) -> dict:
@@ -100,12 +99,12 @@ class InferConfig(BaseConfig):
     images: str = ""  # a NIfTI file or a folder of them
     checkpoint: str = ""  # the bundle's model.pt or a project checkpoint (best.pt)
     output_dir: str = "outputs/spleen"
-    pixdim: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])
-    hu_range: list[float] = field(default_factory=lambda: [-57.0, 164.0])
-    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
-    sw_batch_size: int = 4
-    sw_overlap: float = 0.5
-    sw_mode: str = "constant"  # constant (bundle) | gaussian
+    pixdim: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])  # voxel spacing (mm) volumes are resampled to
+    hu_range: list[float] = field(default_factory=lambda: [-57.0, 164.0])  # HU window scaled to [0, 1], clipped
+    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])  # sliding-window size (voxels)
+    sw_batch_size: int = 4  # windows per forward pass
+    sw_overlap: float = 0.5  # overlap of neighbouring windows (fraction of roi_size)
+    sw_mode: Literal["constant", "gaussian"] = "constant"  # blending of overlapping windows (bundle: constant)
     sw_on_cpu: bool = False  # accumulate the blended output on the CPU (very large scans on a small GPU)
     largest_component: bool = False  # keep only the largest connected component (not in the bundle)
     preview: bool = True  # <name>_preview.png with three orthogonal slices and the contour
@@ -134,10 +133,10 @@ class BenchConfig(BaseConfig):
     """Sliding-window inference time and peak memory at the bundle's settings, vs a naive loop."""
 
     shape: list[int] = field(default_factory=lambda: [512, 512, 100])  # preprocessed volume (X, Y, Z)
-    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])
-    sw_batch_size: int = 4
-    sw_overlap: float = 0.5
-    sw_mode: str = "constant"
+    roi_size: list[int] = field(default_factory=lambda: [96, 96, 96])  # sliding-window size (voxels)
+    sw_batch_size: int = 4  # windows per forward pass
+    sw_overlap: float = 0.5  # overlap of neighbouring windows (fraction of roi_size)
+    sw_mode: Literal["constant", "gaussian"] = "constant"  # blending of overlapping windows
     checkpoint: str = ""  # optional weights (random bundle-architecture weights otherwise)
     naive: bool = True  # also time one window at a time, no batching, in the same run
     output_dir: str = ""

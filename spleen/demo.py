@@ -12,7 +12,7 @@ run for real. Files are written as ``.nii.gz`` with nibabel::
     <root>/imagesTr/spleen_<i>.nii.gz  labelsTr/spleen_<i>.nii.gz  imagesTs/...  labelsTs/...  dataset.json
 
 ``labelsTs`` is not part of MSD: it lets the demo score ``infer.py`` output with ``eval.py``.
-Generation happens once; ``.complete`` (written last) records the parameters.
+Generation happens once per parameter set (:mod:`common.cache`: keyed, locked, atomic).
 """
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from common import dist
+from common.cache import Cache, build_once
 from common.io import atomic_write_text
+from spleen.config import TrainConfig
 
 DEMO_VERSION = 3
 FOV_MM = (200.0, 200.0, 132.0)  # x, y, z extent of every case
@@ -108,13 +111,25 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_demo(root: str | os.PathLike, num_train: int = 10, num_test: int = 2, seed: int = 0) -> Path:
-    """Write the dataset once (idempotent: ``.complete`` with matching parameters = done)."""
-    root = Path(root)
-    params = {"version": DEMO_VERSION, "num_train": num_train, "num_test": num_test, "seed": seed}
-    marker = root / ".complete"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return root
+def make_demo(root: str | os.PathLike, num_train: int = 10, num_test: int = 2, seed: int = 0) -> Cache:
+    """The dataset in ``root``, generated once per parameter set (a build-once cache, :mod:`common.cache`)."""
+    params = {"num_train": num_train, "num_test": num_test, "seed": seed}
+    return build_once(root, lambda folder: _write_set(folder, **params), params, generator="spleen.demo",
+                      version=DEMO_VERSION)
+
+
+def prepare_demo(cfg: TrainConfig) -> None:
+    """``train.py --demo``: the dataset in ``cfg.data_root``, built once by rank 0 while the other ranks wait."""
+    dist.run_on_main(_prepare_on_main, cfg)
+
+
+def _prepare_on_main(cfg: TrainConfig) -> None:
+    cache = make_demo(cfg.data_root, num_train=cfg.demo_cases)
+    print(f"demo data in {cfg.data_root} ({cache.status})", flush=True)
+
+
+def _write_set(root: Path, num_train: int, num_test: int, seed: int) -> None:
+    """Every case (images and labels, train then test) and ``dataset.json``."""
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -133,5 +148,3 @@ def make_demo(root: str | os.PathLike, num_train: int = 10, num_test: int = 2, s
     dataset = {"name": "Spleen (synthetic demo)", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"},
                "numTraining": num_train, "numTest": num_test, **entries}
     atomic_write_text(root / "dataset.json", json.dumps(dataset, indent=2) + "\n")
-    atomic_write_text(marker, json.dumps(params))
-    return root

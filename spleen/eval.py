@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from common.io import atomic_write_text
 from common.config import parse_config
+from common.errors import exit_on_user_error
 from spleen.config import EvalConfig
 from spleen.dataset import list_nifti
 from spleen.transforms import VolumeError, affine_spacing, check_same_grid, nifti_stem, open_nifti, read_volume
@@ -100,7 +101,8 @@ def _mean(values) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate_predictions(cfg: EvalConfig) -> dict:
+    """Score every prediction file against its label on the original grid; write and return the report."""
     cases = [score_case(*pair) for pair in pair_files(cfg.predictions, cfg.labels)]
     report = {"mean_dice": _mean(c["dice"] for c in cases), "mean_hd95_mm": _mean(c["hd95_mm"] for c in cases),
               "num_cases": len(cases), "cases": cases}
@@ -124,4 +126,5 @@ def print_report(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    print_report(evaluate(parse_config(EvalConfig)))
+    with exit_on_user_error():
+        print_report(evaluate_predictions(parse_config(EvalConfig)))

@@ -27,6 +27,7 @@ from common import dist
 from common.amp import MixedPrecision
 from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
+from common.errors import exit_on_user_error
 from spleen.config import InferConfig
 from spleen.dataset import list_nifti
 from spleen.model import UNet, arch_from_checkpoint, build_model, load_unet_weights, predict_logits
@@ -166,4 +167,5 @@ def run(cfg: InferConfig) -> list[dict]:
 
 
 if __name__ == "__main__":
-    run(parse_config(InferConfig))
+    with exit_on_user_error():
+        run(parse_config(InferConfig))

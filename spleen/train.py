@@ -19,23 +19,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import make_generator, sample_flags
-from common.checkpoint import find_resume, load_training_state, save_training_state_collective
-from common.io import atomic_torch_save, atomic_write_text
 from common.config import parse_config
+from common.errors import exit_on_user_error
+from common.io import atomic_torch_save
 from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
 from common.metrics.dice import DiceAccumulator
 from common.optim import FunctionScheduler, Novograd
+from common.training import Checkpointer, TrainState, wrap_ddp, write_result
 from spleen.config import EvalConfig, InferConfig, TrainConfig
 from spleen.dataset import (CropDataset, EpochSampler, VolumeDataset, build_cache, check_crop_fits, split_cases,
                             validate_cases)
-from spleen.demo import make_demo
-from spleen.eval import evaluate as evaluate_predictions, print_report
+from spleen.demo import prepare_demo
+from spleen.eval import evaluate_predictions, print_report
 from spleen.infer import infer_all
 from spleen.model import DiceCELoss, build_model, load_unet_weights, predict_logits
 
@@ -51,10 +51,11 @@ def build_loaders(cfg: TrainConfig, ctx: dist.DistContext):
     train_ds = CropDataset(cached[:len(train_cases)], cfg.roi_size, cfg.num_samples, cfg.pos, cfg.neg, cfg.seed)
     val_ds = VolumeDataset(cached[len(train_cases):])
     sampler = EpochSampler(dist.make_sampler(train_ds, shuffle=True, seed=cfg.seed))
-    common = dict(num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda", worker_init_fn=dist.worker_init_fn)
+    loader_kwargs = dict(num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
+                         worker_init_fn=dist.worker_init_fn)
     train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler,
-                       persistent_workers=cfg.num_workers > 0, **common)
-    val = DataLoader(val_ds, batch_size=1, sampler=dist.ShardSampler(len(val_ds)), **common)
+                       persistent_workers=cfg.num_workers > 0, **loader_kwargs)
+    val = DataLoader(val_ds, batch_size=1, sampler=dist.ShardSampler(len(val_ds)), **loader_kwargs)
     return train, val, sampler
 
 
@@ -95,36 +96,44 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, devi
     return x, y
 
 
-def train_one_epoch(model, loader, optimizer, criterion, amp, ctx, cfg: TrainConfig, epoch: int, step: int,
-                    steps_per_epoch: int, logger: MetricLogger, save_last) -> tuple[int, dict]:
+def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, ctx, cfg: TrainConfig,
+                    logger: MetricLogger, ckpt: Checkpointer, steps_per_epoch: int, criterion) -> dict:
+    """One (possibly partial, after a resume) epoch of random crops, intensity-shifted on the device
+    from a (seed, rank, step) generator; the schedule steps once, at the end. Returns the mean
+    training loss and voxel accuracy over every process."""
     model.train()
     meter = AverageMeter()
-    bar = progress(total=steps_per_epoch, initial=step - epoch * steps_per_epoch,
+    epoch = state.epoch
+    bar = progress(total=steps_per_epoch, initial=state.steps_done(epoch, steps_per_epoch),
                    desc=f"epoch {epoch + 1}/{cfg.epochs}")
     for images, labels in loader:
-        if step >= (epoch + 1) * steps_per_epoch:
+        if state.epoch_finished(epoch, steps_per_epoch):
             break
         x, y = to_device(images, labels, cfg, ctx.device)
-        x = shift_intensity(x, cfg.intensity_shift, cfg.intensity_shift_prob, make_generator(cfg.seed, ctx.rank, step))
+        x = shift_intensity(x, cfg.intensity_shift, cfg.intensity_shift_prob,
+                            make_generator(cfg.seed, ctx.rank, state.step))
         with amp.autocast():
             logits = model(x)  # (B * n, 2, *roi)
         loss = criterion(logits, y)
         amp.backward_step(loss, optimizer)
-        step += 1
+        state.step += 1
         acc = (logits.detach().argmax(1, keepdim=True) == y).float().mean().item()
         meter.update(len(x), loss=loss.item(), acc=acc)
-        report_step(bar, logger, step, epoch, cfg.log_every, loss=loss.item(), acc=acc,
+        report_step(bar, logger, state.step, epoch, cfg.log_every, loss=loss.item(), acc=acc,
                     lr=optimizer.param_groups[0]["lr"])
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_last(epoch, step)
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            ckpt.save(state)  # mid-epoch: state.epoch is the epoch in progress
     bar.close()
-    return step, AverageMeter.averages(dist.reduce_sums(meter.sums(), ctx.device))
+    scheduler.step()  # per epoch
+    return AverageMeter.averages(dist.reduce_sums(meter.sums(), ctx.device))
 
 
 @torch.no_grad()
-def evaluate(model, loader, amp, ctx, cfg: TrainConfig) -> dict:
-    """Mean spleen Dice over the validation volumes in the resampled space (argmax, one-hot,
-    background excluded; MONAI DiceMetric), each volume by sliding-window inference."""
+def validation_dice(model, loader, amp, ctx, cfg: TrainConfig) -> dict:
+    """Validation in the resampled (training) space: mean spleen Dice over the validation volumes
+    (argmax, one-hot, background excluded; MONAI DiceMetric), each volume by sliding-window
+    inference, and the Dice of every case by name. (``spleen/eval.py`` scores prediction files on
+    the original grid instead.)"""
     model.eval()
     dice = DiceAccumulator(include_background=False)
     names = []
@@ -138,6 +147,11 @@ def evaluate(model, loader, amp, ctx, cfg: TrainConfig) -> dict:
     values = dice.values()[:, 0].tolist()
     all_names = [n for part in dist.all_gather_object(names) for n in part]
     return {"dice": dice.compute(), "cases": dict(zip(all_names, values))}
+
+
+def export_bundle_weights(model: torch.nn.Module, path: Path) -> None:
+    """The bundle's ``model.pt`` format: the flat state_dict (written next to every new best.pt)."""
+    atomic_torch_save(model.state_dict(), path)
 
 
 # ============================================================================= demo
@@ -156,67 +170,56 @@ def demo_inference_and_eval(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
     return {"demo_test_dice": report["mean_dice"], "demo_test_hd95_mm": report["mean_hd95_mm"]}
 
 
+# ============================================================================= main
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
-    if cfg.demo and ctx.is_main:
-        t0 = time.time()
-        make_demo(cfg.data_root, num_train=cfg.demo_cases)
-        print(f"demo data in {cfg.data_root} ({time.time() - t0:.0f}s)", flush=True)
+    if cfg.demo:
+        prepare_demo(cfg)  # synthetic CT volumes, built once
     out = start_run(cfg, "spleen train", ctx)
     train_loader, val_loader, sampler = build_loaders(cfg, ctx)
     model = build_model_for(cfg, ctx)
-    ddp = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) \
-        if ctx.distributed else model
+    ddp = wrap_ddp(model, ctx)
     optimizer, scheduler = build_optimizer(cfg, model)
     amp = MixedPrecision(ctx.device, cfg.precision)
     criterion = DiceCELoss()
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
-    step, best, start_epoch = 0, -1.0, 0
 
-    def save_last(epoch: int, at_step: int, name: str = "last.pt") -> None:
-        save_training_state_collective(out / name, is_main=ctx.is_main, model=model, optimizer=optimizer,
-                                       scheduler=scheduler, scaler=amp.scaler, epoch=epoch, step=at_step,
-                                       best_metric=best, config=cfg.to_dict())
-        if name == "best.pt" and ctx.is_main:  # the bundle's format: a flat state_dict
-            atomic_torch_save(model.state_dict(), out / "model.pt")
-
-    resume_path = find_resume(out) if cfg.resume else None
-    if resume_path is not None:
-        state = load_training_state(resume_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    scaler=amp.scaler)
-        step, start_epoch = state["step"], state["epoch"]  # completed steps / epochs
-        best = state["best_metric"] if state["best_metric"] is not None else -1.0
-        dist.print0(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+    state = TrainState()
+    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp,
+                        on_best=lambda: export_bundle_weights(model, out / "model.pt"))
+    ckpt.resume(state)
     logger = MetricLogger(out)
     metrics: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.batch_size)
+    for epoch in range(state.epoch, cfg.epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
         t0 = time.time()
-        step, train_avg = train_one_epoch(ddp, train_loader, optimizer, criterion, amp, ctx, cfg, epoch, step,
-                                          steps_per_epoch, logger, save_last)
-        scheduler.step()
-        logger.log(step, train_avg, prefix="train_epoch", epoch=epoch + 1)
-        line = f"epoch {epoch + 1}/{cfg.epochs}: loss {train_avg['loss']:.4f} acc {train_avg['acc']:.4f}"
-        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            metrics = evaluate(model, val_loader, amp, ctx, cfg)
-            logger.log(step, {"dice": metrics["dice"]}, prefix="valid", epoch=epoch + 1, cases=metrics["cases"])
-            line += f" | valid dice {metrics['dice']:.4f}"
-            if metrics["dice"] > best:
-                best = metrics["dice"]
-                save_last(epoch + 1, step, "best.pt")
+        train_avg = train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt,
+                                    steps_per_epoch, criterion)
+        state.epoch = epoch + 1
+        logger.log(state.step, train_avg, prefix="train_epoch", epoch=state.epoch)
+        line = (f"epoch {state.epoch}/{cfg.epochs}: loss {train_avg.get('loss', float('nan')):.4f} "
+                f"acc {train_avg.get('acc', float('nan')):.4f}")  # nan: resumed after the epoch's last update
+        if state.epoch % cfg.val_every == 0 or state.epoch == cfg.epochs:
+            metrics = validation_dice(model, val_loader, amp, ctx, cfg)
+            logger.log(state.step, {"dice": metrics["dice"]}, prefix="val", epoch=state.epoch, cases=metrics["cases"])
+            line += f" | val dice {metrics['dice']:.4f}"
+            if state.improved(metrics["dice"]):
+                ckpt.save(state, "best.pt")  # and model.pt (on_best)
         dist.print0(f"{line} [{time.time() - t0:.0f}s]")
-        save_last(epoch + 1, step)
+        ckpt.save(state, "last.pt")
     logger.close()
-    result = {"best_valid_dice": best, "last": metrics, "run_dir": str(out)}
+
+    result = {"best_val_dice": state.best, "last": metrics, "run_dir": str(out)}
     if cfg.demo:
         result.update(demo_inference_and_eval(cfg, ctx))
-    if ctx.is_main:
-        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in result.items() if k != "last"}), flush=True)
+    write_result(out, result, ctx)
+    dist.print0(json.dumps({k: v for k, v in result.items() if k != "last"}))
     dist.cleanup()
     return result
 
 
 if __name__ == "__main__":
-    dist.launch(main, parse_config(TrainConfig))
+    with exit_on_user_error():
+        dist.launch(main, parse_config(TrainConfig))

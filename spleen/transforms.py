@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations as nio
 
+from common.errors import UserError
 from common.io import atomic_write
 
 PIXDIM = (1.5, 1.5, 2.0)
@@ -41,7 +42,7 @@ AFFINE_TOL = 1e-3  # MONAI's tolerance for "this affine did not change"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-class VolumeError(ValueError):
+class VolumeError(UserError, ValueError):
     """An input volume that cannot be used; the message names the file and the problem."""
 
 

@@ -1,4 +1,5 @@
-"""Helpers for the multi-process tests of ``common/``: free ports, bounded-time process launches.
+"""Helpers that tests import: free ports, bounded-time process launches, in-test process groups,
+run folders (metrics.jsonl, checkpoints) and the comparison of two checkpoints' weights.
 
 Every launch has a timeout, so a hung collective fails the test instead of blocking CI; on timeout
 the whole process group the test started is killed (never anything else).
@@ -102,6 +103,14 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, po
 
 def load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two training checkpoints (``load_state`` dicts) hold the same model keys, every tensor equal
+    to the bit (e.g. a resumed run and the uninterrupted one)."""
+    assert a["model"].keys() == b["model"].keys()
+    differing = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differing, f"{len(differing)} tensors differ: {differing[:5]}"
 
 
 # ----------------------------------------------------------------------------- in-test process groups

@@ -1,28 +1,10 @@
-"""Helpers for the initialisation tests: a private, offline torch.hub cache and fake ImageNet files.
-
-No test touches the network: :func:`offline_hub` points torch.hub at a temporary folder and makes
-``torch.hub.download_url_to_file`` raise, as on a machine without network access.
-"""
+"""Fake torchvision weight files for the initialisation tests (the offline torch.hub cache they
+are put in is conftest's ``hub`` fixture: no test touches the network)."""
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.error import URLError
 
 import torch
-
-
-def offline_hub(monkeypatch, root: Path) -> Path:
-    """torch.hub's cache in ``root`` (empty), downloads failing; returns ``<hub>/checkpoints``."""
-    monkeypatch.setenv("TORCH_HOME", str(root))
-    assert Path(torch.hub.get_dir()) == root / "hub", "torch.hub.set_dir was called elsewhere: TORCH_HOME ignored"
-    calls = []
-
-    def no_network(url, dst, hash_prefix=None, progress=True):
-        calls.append(url)
-        raise URLError("no network in tests")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return root / "hub" / "checkpoints"
 
 
 def fake_torchvision_file(path: Path, arch: str, seed: int = 0) -> dict[str, torch.Tensor]:

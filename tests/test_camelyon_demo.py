@@ -22,11 +22,12 @@ from skimage.draw import polygon as draw_polygon
 from skimage.measure import label as cc_label
 from skimage.measure import points_in_poly, regionprops
 
-from camelyon.demo import MPP, _place_lesions, demo_cache_root, downsample2, make_demo, write_pyramidal_tiff
+from camelyon.demo import MPP, _place_lesions, demo_cache_root, make_demo
+from common.pyramidal_tiff import downsample2
 
 SIZE = (3072, 4096)  # (H, W)
-PARAMS = dict(seed=1, n_train_tumor=2, n_train_normal=1, n_valid_tumor=1, n_valid_normal=1,
-              n_test_tumor=2, n_test_normal=1, size=SIZE, n_coords_train=40, n_coords_valid=16)
+PARAMS = dict(seed=1, n_train_tumor=2, n_train_normal=1, n_val_tumor=1, n_val_normal=1,
+              n_test_tumor=2, n_test_normal=1, size=SIZE, n_coords_train=40, n_coords_val=16)
 
 
 @pytest.fixture(scope="module")
@@ -89,72 +90,15 @@ def patch(slide: openslide.OpenSlide, x: int, y: int, size: int = 224) -> np.nda
 
 
 # ----------------------------------------------------------------------------
-# pyramidal TIFF writer
-# ----------------------------------------------------------------------------
-
-def _smooth_rgb(h: int, w: int) -> np.ndarray:
-    """A smooth test image (JPEG reproduces it closely)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    r = 128 + 100 * np.sin(xx / 97.0)
-    g = 128 + 100 * np.cos(yy / 131.0)
-    b = 128 + 60 * np.sin((xx + yy) / 173.0)
-    return np.stack([r, g, b], -1).round().astype(np.uint8)
-
-
-def test_write_pyramidal_tiff_openslide(tmp_path):
-    img = _smooth_rgb(1000, 1500)  # not a multiple of the tile size, odd level sizes
-    path = tmp_path / "smooth.tif"
-    shapes = write_pyramidal_tiff(path, img, mpp=0.5, quality=95)
-    assert not list(tmp_path.glob(".*.tmp"))
-    s = openslide.OpenSlide(path)
-    assert s.properties["openslide.vendor"] == "generic-tiff"
-    assert s.level_count == len(shapes) == 7  # min_levels: down to 1000 / 64 -> 16 px
-    assert s.dimensions == (1500, 1000)
-    for k, ds in enumerate(s.level_downsamples):
-        assert ds == pytest.approx(2 ** k, rel=0.05)
-    assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.5, rel=1e-6)
-    assert float(s.properties["openslide.mpp-y"]) == pytest.approx(0.5, rel=1e-6)
-    got = np.asarray(s.read_region((0, 0), 0, s.dimensions))[..., :3].astype(int)
-    assert np.abs(got - img).mean() < 1.5 and np.abs(got - img).max() < 40
-    got2 = np.asarray(s.read_region((0, 0), 2, s.level_dimensions[2]))[..., :3].astype(int)
-    assert np.abs(got2 - downsample2(downsample2(img))).mean() < 1.5
-
-
-def test_write_pyramidal_tiff_mask_lossless(tmp_path):
-    mask = np.zeros((900, 1300), np.uint8)
-    rr, cc = draw_polygon([100, 700, 650, 150], [200, 250, 1100, 1000], mask.shape)
-    mask[rr, cc] = 255
-    path = tmp_path / "mask.tif"
-    write_pyramidal_tiff(path, mask)  # auto: deflate, majority downsampling
-    with tifffile.TiffFile(path) as tf:
-        assert tf.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
-        assert np.array_equal(tf.pages[0].asarray(), mask)
-        for page in tf.pages:
-            assert set(np.unique(page.asarray())) <= {0, 255}
-    s = openslide.OpenSlide(path)
-    lvl = np.asarray(s.read_region((0, 0), 0, s.dimensions))
-    assert np.array_equal(lvl[..., 0], mask)
-
-
-def test_downsample2_odd_and_majority():
-    a = np.arange(15, dtype=np.uint8).reshape(3, 5)
-    d = downsample2(a)
-    assert d.shape == (2, 3)
-    assert d[0, 0] == round((0 + 1 + 5 + 6) / 4)
-    m = np.array([[0, 255, 0, 0], [255, 0, 0, 255]], np.uint8)
-    assert downsample2(m, "majority").tolist() == [[255, 0]]
-
-
-# ----------------------------------------------------------------------------
 # the generated demo set
 # ----------------------------------------------------------------------------
 
 def test_layout_files(demo):
     assert demo.generated
     assert demo.train_slides == ("tumor_001", "tumor_002", "normal_001")
-    assert demo.valid_slides == ("tumor_003", "normal_002")
+    assert demo.val_slides == ("tumor_003", "normal_002")
     assert len(demo.test_slides) == 3 and len(demo.test_tumor_slides) == 2
-    for name in demo.train_slides + demo.valid_slides + demo.test_slides:
+    for name in demo.train_slides + demo.val_slides + demo.test_slides:
         assert demo.slide_path(name).is_file()
         if not name.startswith("test_"):
             assert (demo.train_annotations / f"{name}.xml").is_file() == name.startswith("tumor_")
@@ -255,7 +199,7 @@ def test_one_itc_under_official_rule(demo):
 def test_coordinates(demo):
     files = demo.coord_files
     n = {"tumor_train": 40, "normal_train": 40, "tumor_valid": 16, "normal_valid": 16}
-    slides = {"train": demo.train_slides, "valid": demo.valid_slides}
+    slides = {"train": demo.train_slides, "valid": demo.val_slides}
     h, w = SIZE
     polys = {}
     for key, path in files.items():
@@ -311,8 +255,8 @@ def test_tumour_patches_look_different(demo):
 
 
 def test_idempotent_and_seed_regenerates(tmp_path):
-    small = dict(n_train_tumor=1, n_train_normal=1, n_valid_tumor=0, n_valid_normal=0, n_test_tumor=1,
-                 n_test_normal=0, size=(2048, 2560), n_coords_train=8, n_coords_valid=0)
+    small = dict(n_train_tumor=1, n_train_normal=1, n_val_tumor=0, n_val_normal=0, n_test_tumor=1,
+                 n_test_normal=0, size=(2048, 2560), n_coords_train=8, n_coords_val=0)
     a = make_demo(tmp_path, seed=0, **small)
     assert a.generated
     slide = a.slide_path("tumor_001")
@@ -333,8 +277,8 @@ def test_idempotent_and_seed_regenerates(tmp_path):
 
 
 def test_deterministic(tmp_path):
-    small = dict(n_train_tumor=1, n_train_normal=0, n_valid_tumor=0, n_valid_normal=0, n_test_tumor=0,
-                 n_test_normal=0, size=(2048, 2048), n_coords_train=8, n_coords_valid=0)
+    small = dict(n_train_tumor=1, n_train_normal=0, n_val_tumor=0, n_val_normal=0, n_test_tumor=0,
+                 n_test_normal=0, size=(2048, 2048), n_coords_train=8, n_coords_val=0)
     a = make_demo(tmp_path / "a", seed=3, **small)
     b = make_demo(tmp_path / "b", seed=3, **small)
     for rel in ("training/images/tumor_001.tif", "training/annotations/tumor_001.xml", "coords/tumor_train.txt"):

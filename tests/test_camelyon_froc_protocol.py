@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from camelyon.config import EvalConfig
-from camelyon.demo import write_pyramidal_tiff
 from camelyon.eval import bundle_detections, evaluate_froc
 from common.metrics.froc import (SlideResult, compute_froc, growth_threshold_px, itc_threshold_px,
                                  monai_tumour_pixels)
+from common.pyramidal_tiff import write_pyramidal_tiff
 
 RATES = (0.25, 0.5, 1, 2, 4, 8)
 

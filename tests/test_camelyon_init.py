@@ -13,22 +13,17 @@ import torch
 
 import camelyon.train as train_module
 from camelyon.config import TrainConfig
-from camelyon.demo import write_pyramidal_tiff
 from camelyon.model import build_model
 from common.checkpoint import load_file
 from common.config import parse_config
 from common.dist import DistContext
 from common.pretrained import PretrainedError
+from common.pyramidal_tiff import write_pyramidal_tiff
 from common_testutils import REPO_ROOT, child_env
-from pretrained_testutils import fake_torchvision_file, offline_hub
+from pretrained_testutils import fake_torchvision_file
 
 R18 = "resnet18-f37072fd.pth"
 CTX = DistContext()
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    return offline_hub(monkeypatch, tmp_path / "torch")
 
 
 def test_defaults_start_from_imagenet_and_the_demo_from_scratch():
@@ -93,13 +88,12 @@ def _tiny_run(tmp_path) -> TrainConfig:
     write_pyramidal_tiff(tmp_path / "slides" / "tissue.tif", img, compression="deflate")
     (tmp_path / "list.csv").write_text("tissue,500,500,1,1,1,0,0,0,0,0,0\ntissue,520,480,0,0,0,0,0,0,0,0,0\n")
     return TrainConfig(output_dir=str(tmp_path / "run"), train_list=str(tmp_path / "list.csv"),
-                       valid_list=str(tmp_path / "list.csv"), image_dir=str(tmp_path / "slides"), epochs=1,
-                       batch_size=1, max_steps_per_epoch=1, max_valid_regions=1, num_workers=0, log_every=1,
+                       val_list=str(tmp_path / "list.csv"), image_dir=str(tmp_path / "slides"), epochs=1,
+                       batch_size=1, max_steps_per_epoch=1, max_val_regions=1, num_workers=0, log_every=1,
                        device="cpu", precision="fp32")
 
 
-def test_run_records_the_initialisation_in_banner_config_and_checkpoints(tmp_path, hub, monkeypatch, capsys):
-    monkeypatch.setenv("PATHMONO_NO_PROGRESS", "1")
+def test_run_records_the_initialisation_in_banner_config_and_checkpoints(tmp_path, hub, capsys):
     fake_torchvision_file(hub / R18, "resnet18")
     train_module.main(_tiny_run(tmp_path))
     expected = f"imagenet (torchvision ResNet18_Weights.IMAGENET1K_V1, {hub / R18})"

@@ -16,7 +16,7 @@ import common.augment as aug
 from camelyon import dataset
 from camelyon.config import AugmentConfig, TrainConfig
 from camelyon.model import build_model
-from common.amp import MixedPrecision, resolve_dtype
+from common.amp import resolve_dtype
 from common.config import parse_config
 from common.optim import FunctionScheduler, Novograd
 
@@ -49,7 +49,7 @@ def test_default_config_is_the_bundle_recipe():
     assert cfg.flip_prob == 0.5 and cfg.rot90_prob == 0.5
     assert (cfg.zoom_prob, cfg.zoom_min, cfg.zoom_max) == (0.5, 0.9, 1.1)
     # §5 every epoch is a whole epoch (engineering limits off by default)
-    assert cfg.max_steps_per_epoch == 0 and cfg.max_valid_regions == 0
+    assert cfg.max_steps_per_epoch == 0 and cfg.max_val_regions == 0
     # the flag-free default equals the dataclass default (no hidden override in parse_config)
     assert cfg.to_dict() == TrainConfig().to_dict()
 
@@ -93,7 +93,7 @@ class _Loader(list):
         self.dataset = types.SimpleNamespace(records=[])
 
 
-def test_main_steps_the_schedule_once_per_epoch_and_validates_every_epoch(tmp_path, monkeypatch):
+def test_main_steps_the_schedule_once_per_epoch_and_validates_every_epoch(tmp_path, monkeypatch, lr_per_step):
     """``train.main`` with two synthetic regions per epoch and a tiny model: the optimizer must see
     1e-3 for both steps of epoch 1, 8.536e-4 for both of epoch 2, ... (a per-step schedule would
     change within an epoch), and validation must run after every epoch."""
@@ -109,40 +109,19 @@ def test_main_steps_the_schedule_once_per_epoch_and_validates_every_epoch(tmp_pa
         evaluations.append(1)
         return {"acc": 0.5, "loss": 0.7, "patches": 9.0, "positive_fraction": 0.5}
 
-    monkeypatch.setattr(train, "evaluate", fake_evaluate)
-    lrs = []
-    real_step = MixedPrecision.backward_step
-
-    def recording_step(self, loss, optimizer, *args, **kwargs):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        return real_step(self, loss, optimizer, *args, **kwargs)
-
-    monkeypatch.setattr(MixedPrecision, "backward_step", recording_step)
+    monkeypatch.setattr(train, "patch_accuracy", fake_evaluate)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), device="cpu", batch_size=1, num_workers=0,
                       max_steps_per_epoch=2, log_every=100)  # epochs, lr, betas: the recipe's
     train.main(cfg)
-    assert lrs == pytest.approx([lr for lr in EPOCH_LR for _ in range(2)], rel=1e-3)
+    assert lr_per_step == pytest.approx([lr for lr in EPOCH_LR for _ in range(2)], rel=1e-3)
     assert len(evaluations) == 4  # §5: validating every epoch
 
 
 # ----------------------------------------------------------------------------- augmentation order (§3)
-def test_training_augmentation_runs_in_the_reference_order(monkeypatch):
-    calls = []
-
-    def record(name):
-        real = getattr(aug, name)
-
-        def wrapper(*args, **kwargs):
-            out = real(*args, **kwargs)
-            calls.append((name, args, kwargs, out))
-            return out
-
-        monkeypatch.setattr(aug, name, wrapper)
-
-    names = ("sample_color_jitter", "sample_flags", "sample_rot90", "sample_zoom",
-             "apply_color_jitter", "apply_flip", "apply_rot90", "apply_zoom", "scale_intensity")
-    for name in names:
-        record(name)
+def test_training_augmentation_runs_in_the_reference_order(call_recorder):
+    call_recorder.wrap(aug, "sample_color_jitter", "sample_flags", "sample_rot90", "sample_zoom",
+                       "apply_color_jitter", "apply_flip", "apply_rot90", "apply_zoom", "scale_intensity")
+    calls = call_recorder.calls
     patches = torch.randint(0, 256, (6, 3, 224, 224), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     out = dataset.train_transform(patches, torch.Generator().manual_seed(2), TrainConfig())
 

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import camelyon.infer as infer
 from camelyon.config import InferConfig, TrainConfig
 from camelyon.dataset import PatchRecord, training_mpp
-from camelyon.demo import write_pyramidal_tiff
 from camelyon.prepare import compute_tissue_mask
 from common.augment import scale_intensity
+from common.pyramidal_tiff import write_pyramidal_tiff
 
 PERIOD = 20  # level-0 px of one stripe pair
 MODEL_MPP = 0.243
@@ -239,16 +239,15 @@ def test_training_resolution_from_the_slides(slides, tmp_path):
     assert mixed == pytest.approx((0.5 + 0.243) / 2)  # median of two slides
 
 
-def test_checkpoints_record_the_training_resolution(slides, tmp_path, monkeypatch):
+def test_checkpoints_record_the_training_resolution(slides, tmp_path):
     """A one-step run on the 0.5 µm/px slide records mpp 0.5 in config.json and the checkpoints, and
     inference takes it from there."""
     import camelyon.train as train
     from common.checkpoint import load_file
 
-    monkeypatch.setenv("PATHMONO_NO_PROGRESS", "1")
     (tmp_path / "list.csv").write_text("half,384,384,1,1,1,0,0,0,0,0,0\n")
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), train_list=str(tmp_path / "list.csv"),
-                      valid_list=str(tmp_path / "list.csv"), image_dir=str(slides), epochs=1, batch_size=1,
+                      val_list=str(tmp_path / "list.csv"), image_dir=str(slides), epochs=1, batch_size=1,
                       max_steps_per_epoch=1, num_workers=0, device="cpu", precision="fp32", pretrained="none")
     train.main(cfg)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["mpp"] == pytest.approx(0.5)

@@ -130,3 +130,33 @@ def test_scaler_state_round_trip():
     assert disabled.state_dict() == {}
     disabled.load_state_dict({})
     disabled.load_state_dict(None)
+
+
+def test_a_clip_hook_replaces_the_total_norm_and_runs_on_unscaled_gradients():
+    """A recipe's own clipping rule (DINO: each parameter's norm) goes through the same path."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([a, b], lr=1.0)
+    amp = _scaled_amp()
+    seen = []
+
+    def per_parameter(params, clip):
+        seen.append([p.grad.clone() for p in params])
+        norms = [p.grad.norm() for p in params]
+        for p, n in zip(params, norms):
+            p.grad.mul_(min(clip / float(n), 1.0))
+        return torch.stack(norms).max()
+
+    amp.backward((a * torch.tensor([3.0, 4.0])).sum() + (b * 0.5).sum())
+    norm = amp.step(opt, params=[a, b], clip_norm=1.0, clip_fn=per_parameter, zero_grad=True)
+    assert [g.tolist() for g in seen[0]] == [[3.0, 4.0], [0.5]]  # unscaled before the hook
+    assert norm == pytest.approx(5.0)
+    assert a.detach().tolist() == pytest.approx([-0.6, -0.8]) and b.item() == pytest.approx(-0.5)  # each on its own
+    assert a.grad is None and b.grad is None  # zero_grad(set_to_none=True)
+
+
+def test_clip_norm_zero_means_no_clipping():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    amp = MixedPrecision(CPU, "fp32")
+    assert math.isnan(amp.backward_step((p * torch.tensor([3.0, 4.0])).sum(), opt, params=[p], clip_norm=0.0))
+    assert p.detach().tolist() == [-3.0, -4.0]

@@ -45,7 +45,7 @@ def test_file_and_bytes_agree_and_are_writable(tmp_path):
 
 
 def test_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="image not found: .*nope.png"):
+    with pytest.raises(FileNotFoundError, match="nope.png: image not found"):
         read_image(tmp_path / "nope.png")
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(OSError, match="junk.png: not a readable image"):

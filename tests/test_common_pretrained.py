@@ -3,25 +3,20 @@ torch.hub cache, downloads (faked: no test touches the network), one-line errors
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 from common.checkpoint import CheckpointError
-from common.config import ConfigError, exit_on_config_error
+from common.config import ConfigError
+from common.errors import exit_on_user_error
 from common.pretrained import (PretrainedError, apply_initialisation, cache_path, imagenet_weights,
                                resolve_initialisation)
-from pretrained_testutils import fake_torchvision_file, offline_hub
+from pretrained_testutils import fake_torchvision_file
 
 R18 = "resnet18-f37072fd.pth"
 R18_URL = "https://download.pytorch.org/models/" + R18
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch) -> Path:
-    return offline_hub(monkeypatch, tmp_path / "torch")
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -119,12 +114,12 @@ def test_unfit_weights_become_one_line_naming_the_flag(tmp_path, hub):
     assert apply_initialisation(none, nn.Linear(2, 2), load, load) is None  # nothing is loaded
 
 
-def test_exit_on_config_error_prints_one_line_and_exits_2(capsys):
+def test_exit_on_user_error_prints_one_line_and_exits_2(capsys):
     with pytest.raises(SystemExit) as exited:
-        with exit_on_config_error():
+        with exit_on_user_error():
             raise PretrainedError("--pretrained '/x.pth': no such file")
     assert exited.value.code == 2
     assert capsys.readouterr().err == "error: --pretrained '/x.pth': no such file\n"
     with pytest.raises(RuntimeError):  # anything else keeps its traceback
-        with exit_on_config_error():
+        with exit_on_user_error():
             raise RuntimeError("bug")

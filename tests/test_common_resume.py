@@ -9,7 +9,8 @@ import socket
 import pytest
 import torch
 
-from common_testutils import finish, free_port, kill_group, load_state, read_jsonl, run_ok, start, tiny_cmd, wait_for
+from common_testutils import (assert_same_weights, finish, free_port, kill_group, load_state, read_jsonl, run_ok,
+                              start, tiny_cmd, wait_for)
 
 STEPS_PER_EPOCH, EPOCHS, CKPT_EVERY, KILL_AT = 8, 3, 3, 10
 
@@ -32,8 +33,7 @@ def _train_losses(rows):
 
 def _assert_same_final_state(a, b):
     assert a["step"] == b["step"] == STEPS_PER_EPOCH * EPOCHS
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_weights(a, b)
     for pid, st in a["optimizer"]["state"].items():
         for name, value in st.items():
             other = b["optimizer"]["state"][pid][name]
@@ -91,7 +91,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, world, launch)
         tampered_run = launch(tiny_cmd(tampered, *_args(world)))
 
     resumed = run_ok(tiny_cmd(run_dir, *_args(world), *_port()), timeout=150)
-    assert f"resumed from {run_dir / 'last.pt'} at step {saved['step']}" in resumed.stdout
+    assert f"resumed from {run_dir / 'last.pt'} at epoch {saved['epoch']}, update {saved['step']}" in resumed.stdout
 
     b = load_state(run_dir / "last.pt")
     _assert_same_final_state(a, b)
@@ -107,7 +107,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, world, launch)
         c = load_state(tampered / "last.pt")
         assert c["step"] == a["step"] and not torch.equal(c["model"]["0.weight"], a["model"]["0.weight"])
         again = finish(again, timeout=150)
-        assert again.returncode == 0 and "at step 24" in again.stdout
+        assert again.returncode == 0 and "update 24" in again.stdout
         _assert_same_final_state(a, load_state(ref_dir / "last.pt"))
 
 

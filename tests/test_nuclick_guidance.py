@@ -1,5 +1,5 @@
-"""Click-guidance signals and batch augmentation of nuclick/dataset.py against scipy/skimage and the
-bundle's sampling rules (nuclick.md §4-5)."""
+"""Click-guidance signals (nuclick/guidance.py) and batch augmentation (nuclick/dataset.py) against
+scipy/skimage and the bundle's sampling rules (nuclick.md §4-5)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +9,9 @@ from scipy import ndimage as ndi
 from skimage.measure import label, regionprops
 
 from common.augment import make_generator
-from nuclick.dataset import (AugmentConfig, GuidanceConfig, augment, chessboard_distance, guidance_inputs,
-                             negative_points, positive_points, smooth_points, valid_batch)
+from nuclick.config import AugmentConfig, GuidanceConfig
+from nuclick.dataset import augment, val_batch
+from nuclick.guidance import chessboard_distance, guidance_inputs, negative_points, positive_points, smooth_points
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions: threads only add overhead
@@ -135,10 +136,10 @@ def test_validation_clicks_do_not_depend_on_batch_composition():
     image = torch.zeros(4, 3, 12, 12, dtype=torch.uint8)
     others = torch.zeros(4, 1, 12, 12, dtype=torch.int16)
     cfg, dev = GuidanceConfig(drop_rate=1.0), torch.device("cpu")
-    whole, target = valid_batch((image, mask, others, torch.arange(4)), 7, 2, cfg, dev)
-    part, _ = valid_batch((image[2:], mask[2:], others[2:], torch.tensor([2, 3])), 7, 2, cfg, dev)
+    whole, target = val_batch((image, mask, others, torch.arange(4)), 7, 2, cfg, dev)
+    part, _ = val_batch((image[2:], mask[2:], others[2:], torch.tensor([2, 3])), 7, 2, cfg, dev)
     assert torch.equal(whole[2:], part)
     assert torch.equal(target, mask.float()) and whole[:, 4].sum() == 0
     assert whole[:, :3].eq(-1).all()  # uint8 0 -> -1
-    other_epoch, _ = valid_batch((image, mask, others, torch.arange(4)), 7, 3, cfg, dev)
+    other_epoch, _ = val_batch((image, mask, others, torch.arange(4)), 7, 3, cfg, dev)
     assert not torch.equal(other_epoch[:, 3], whole[:, 3])

@@ -15,10 +15,9 @@ import common.augment as aug
 import nuclick.dataset as nd
 import nuclick.train as train
 from common import dist
-from common.amp import MixedPrecision, resolve_dtype
+from common.amp import resolve_dtype
 from common.config import parse_config
-from nuclick.config import InferConfig, PrepareConfig, TrainConfig
-from nuclick.dataset import AugmentConfig, GuidanceConfig
+from nuclick.config import AugmentConfig, GuidanceConfig, InferConfig, PrepareConfig, TrainConfig
 from nuclick.model import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,13 +42,13 @@ def test_default_train_config_is_the_bundle_recipe():
     assert cfg.flip_prob == 0.5 and cfg.rot90_prob == 0.5
     # §4 guidance: bundle use_distance=True, gaussian=False; defaults drop 0.5, sigma 1.0, truncated 2.0;
     # validation drop_rate 1.0 (§4.4)
-    assert cfg.drop_rate == 0.5 and cfg.valid_drop_rate == 1.0
+    assert cfg.drop_rate == 0.5 and cfg.val_drop_rate == 1.0
     assert cfg.use_distance is True and cfg.gaussian is False
     assert (cfg.sigma, cfg.truncated) == (1.0, 2.0)
     # §5 caching: cache_rate 1.0
     assert cfg.cache is True
     # whole epochs and the whole validation list by default
-    assert cfg.max_steps_per_epoch == 0 and cfg.max_valid == 0
+    assert cfg.max_steps_per_epoch == 0 and cfg.max_val == 0
     # Deliberate deviation, documented in config.py: "hw: images as stored; wh: MONAI's transposed
     # layout (set by init_checkpoint)". The bundle trained on transposed images (§2); the project
     # trains in (row, col) order and switches to "wh" only for the released weights.
@@ -109,7 +108,7 @@ def _batch(g: torch.Generator, n: int = 2, size: int = 32):
     return image, mask, others, torch.arange(n)
 
 
-def test_main_keeps_lr_constant_and_passes_the_guidance_settings(tmp_path, monkeypatch):
+def test_main_keeps_lr_constant_and_passes_the_guidance_settings(tmp_path, monkeypatch, lr_per_step):
     g = torch.Generator().manual_seed(0)
     batches = _Loader([_batch(g), _batch(g)], 4)
     sampler = types.SimpleNamespace(num_samples=4, set_epoch=lambda epoch, skip=0: None)
@@ -128,18 +127,10 @@ def test_main_keeps_lr_constant_and_passes_the_guidance_settings(tmp_path, monke
         return {"dice": 0.5, "accuracy": 0.5, "loss": 0.5, "samples": 4.0}
 
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
-    lrs = []
-    real_step = MixedPrecision.backward_step
-
-    def recording_step(self, loss, optimizer, *args, **kwargs):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        return real_step(self, loss, optimizer, *args, **kwargs)
-
-    monkeypatch.setattr(MixedPrecision, "backward_step", recording_step)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), device="cpu", features=TINY, batch_size=2, epochs=2,
                       num_workers=0, log_every=100, preview=False)  # lr and augmentation: the recipe's
     train.main(cfg)
-    assert lrs == [1e-4] * 4  # 2 epochs x 2 steps, no scheduler (§7)
+    assert lr_per_step == [1e-4] * 4  # 2 epochs x 2 steps, no scheduler (§7)
     assert len(seen["valid"]) == 2  # validation every epoch
     # §5 train transforms and §4 guidance with drop_rate 0.5; validation drop_rate 1.0
     assert all(a == AugmentConfig(0.251, 0.75, 0.25, 0.04, 0.5, 0.5) for a, _ in seen["train"])
@@ -165,22 +156,10 @@ def test_training_sampler_shuffles(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- transform order (§5)
-def test_training_transforms_run_in_the_reference_order(monkeypatch):
-    calls = []
-
-    def record(module, name):
-        real = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            out = real(*args, **kwargs)
-            calls.append((name, args, kwargs, out))
-            return out
-
-        monkeypatch.setattr(module, name, wrapper)
-
-    for name in ("apply_color_jitter", "apply_flip", "apply_rot90", "scale_intensity"):
-        record(aug, name)
-    record(nd, "guidance_inputs")
+def test_training_transforms_run_in_the_reference_order(call_recorder):
+    call_recorder.wrap(aug, "apply_color_jitter", "apply_flip", "apply_rot90", "scale_intensity")
+    call_recorder.wrap(nd, "guidance_inputs")
+    calls = call_recorder.calls
     cfg = TrainConfig()
     aug_cfg = AugmentConfig(**{k: getattr(cfg, k) for k in AugmentConfig.__dataclass_fields__})
     guide_cfg = GuidanceConfig(cfg.drop_rate, cfg.use_distance, cfg.gaussian, cfg.sigma, cfg.truncated)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import nuclick.infer as infer
-from camelyon.demo import write_pyramidal_tiff
+from common.pyramidal_tiff import write_pyramidal_tiff
 from nuclick.config import InferConfig
 
 CENTRES = [(200, 200), (262, 240), (300, 176)]  # level-0 (x, y) of the nuclei and the clicks

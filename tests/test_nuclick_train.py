@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from common.checkpoint import load_file
+from common_testutils import assert_same_weights, run_workers
 from nuclick.config import PrepareConfig, TrainConfig
 from nuclick.demo import make_demo, synth_tile
 from nuclick.prepare import read_mat
@@ -19,13 +19,7 @@ from nuclick.train import main
 TINY = [4, 8, 8, 8, 8, 4]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("PATHMONO_NO_PROGRESS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions: threads only add overhead
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def prepared(tmp_path_factory) -> Path:
 
 def _cfg(prepared: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data_root=str(prepared), output_dir=str(out), device="cpu", features=TINY, batch_size=4,
-                num_workers=0, epochs=1, max_steps_per_epoch=3, max_valid=8, lr=1e-3, log_every=1, seed=5)
+                num_workers=0, epochs=1, max_steps_per_epoch=3, max_val=8, lr=1e-3, log_every=1, seed=5)
     return TrainConfig(**{**base, **kw})
 
 
@@ -62,15 +56,15 @@ def test_demo_tile_is_consep_format(tmp_path):
 
 def test_train_smoke_checkpoints_and_metrics(prepared, tmp_path):
     result = main(_cfg(prepared, tmp_path / "run", epochs=2))
-    assert 0.0 <= result["best_valid_dice"] <= 1.0 and result["last"]["samples"] == 8
+    assert 0.0 <= result["best_val_dice"] <= 1.0 and result["last"]["samples"] == 8
     for name in ("last.pt", "best.pt"):
         state = load_file(tmp_path / "run" / name)
         assert state["axis_order"] == "hw" and state["config"]["features"] == TINY
     last = load_file(tmp_path / "run" / "last.pt")
     assert last["epoch"] == 2 and last["step"] == 6
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sum("train/loss" in r for r in rows) == 6 and sum("valid/dice" in r for r in rows) == 2
-    assert (tmp_path / "run" / "valid_preview.png").is_file()
+    assert sum("train/loss" in r for r in rows) == 6 and sum("val/dice" in r for r in rows) == 2
+    assert (tmp_path / "run" / "val_preview.png").is_file()
 
 
 def test_resume_equals_uninterrupted_run(prepared, tmp_path):
@@ -79,20 +73,17 @@ def test_resume_equals_uninterrupted_run(prepared, tmp_path):
     main(_cfg(prepared, tmp_path / "resumed", epochs=2))  # picks up last.pt at epoch 1
     a, b = load_file(tmp_path / "straight" / "last.pt"), load_file(tmp_path / "resumed" / "last.pt")
     assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_weights(a, b)
 
 
-def _ddp_train(ctx, prepared: str, out: str) -> None:
-    torch.set_num_threads(1)
-    main(_cfg(Path(prepared), Path(out) / "ddp", epochs=1, max_valid=0))
+def _ddp_train(ctx, prepared: str, out: str) -> None:  # run_workers: one thread per process
+    main(_cfg(Path(prepared), Path(out) / "ddp", epochs=1, max_val=0))
 
 
 def _ddp_eval(ctx, prepared: str, out: str) -> None:
     from nuclick.config import EvalConfig
     from nuclick.eval import run as evaluate
 
-    torch.set_num_threads(1)
     metrics = evaluate(EvalConfig(checkpoint=f"{out}/ddp/last.pt", data_root=prepared, output_dir=f"{out}/eval2",
                                   device="cpu", num_workers=0, batch_size=3))
     if ctx.is_main:
@@ -102,7 +93,6 @@ def _ddp_eval(ctx, prepared: str, out: str) -> None:
 def test_ddp_two_processes_and_world_size_independent_validation(prepared, tmp_path):
     """2-process gloo training runs; the validation Dice of its checkpoint is the same whether it is
     computed by 2 processes (sharded, batch 3) or 1 (batch 7): clicks depend on the sample only."""
-    from common_testutils import run_workers
     from nuclick.config import EvalConfig
     from nuclick.eval import run as evaluate
 
@@ -118,29 +108,26 @@ def test_ddp_two_processes_and_world_size_independent_validation(prepared, tmp_p
     assert two["dice"] == pytest.approx(one["dice"], abs=1e-12)
 
 
-def test_mid_epoch_resume_equals_uninterrupted_run(prepared, tmp_path, monkeypatch):
+def test_mid_epoch_resume_equals_uninterrupted_run(prepared, tmp_path, last_pt_by_step):
     """The last.pt written after step 2 of a 3-step epoch, resumed in a fresh folder, ends on the
     same weights as the run that was not interrupted (sampler skip, per-step augmentation seeds)."""
     import shutil
 
-    import nuclick.train as train_module
-
-    real_save = train_module.save_training_state_collective
-
-    def save_and_keep(path, **kw):
-        out = real_save(path, **kw)
-        if kw["step"] == 2 and Path(path).name == "last.pt":
-            shutil.copy(path, tmp_path / "mid.pt")
-        return out
-
-    monkeypatch.setattr(train_module, "save_training_state_collective", save_and_keep)
     main(_cfg(prepared, tmp_path / "straight", epochs=2, checkpoint_every=2))
-    mid = load_file(tmp_path / "mid.pt")
+    mid = load_file(last_pt_by_step[2])
     assert (mid["epoch"], mid["step"]) == (0, 2)
     (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "mid.pt", tmp_path / "resumed" / "last.pt")
+    shutil.copy(last_pt_by_step[2], tmp_path / "resumed" / "last.pt")
     main(_cfg(prepared, tmp_path / "resumed", epochs=2, checkpoint_every=2))
     a, b = load_file(tmp_path / "straight" / "last.pt"), load_file(tmp_path / "resumed" / "last.pt")
     assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_weights(a, b)
+
+
+def test_training_learns_to_segment_the_clicked_nucleus(prepared, tmp_path):
+    """8 whole epochs (6 steps each) at lr 1e-2: the validation Dice beats the untrained model's
+    (lr 0, same data) by more than 0.4. This seed reaches 0.84 from 0.09; seeds 1-3 reached
+    0.71-0.85 from at most 0.14."""
+    untrained = main(_cfg(prepared, tmp_path / "untrained", lr=0.0, max_steps_per_epoch=1))
+    trained = main(_cfg(prepared, tmp_path / "trained", lr=1e-2, epochs=8, max_steps_per_epoch=0, log_every=100))
+    assert trained["last"]["dice"] > untrained["last"]["dice"] + 0.4, (untrained["last"], trained["last"])

@@ -112,17 +112,18 @@ def test_ptcga_split_by_basename(tmp_path):
 
 
 def test_demo_generators_write_the_real_layouts(tmp_path):
-    from pretrain.demo import MARKER, make_organ_like, make_pcam_like
-    root = make_pcam_like(tmp_path / "PCam200", splits={"train": 1, "val": 1})
+    from common.cache import MANIFEST
+    from pretrain.synthetic import make_organ_like, make_pcam_like
+    root = make_pcam_like(tmp_path / "PCam200", splits={"train": 1, "val": 1}).root
     items = pcam_folder_items(root, "train")
-    assert len(items) == 80 and sum(y for _, y in items) == 40 and (root / MARKER).is_file()
-    stamp = (root / MARKER).stat().st_mtime_ns
-    assert make_pcam_like(root, splits={"train": 1, "val": 1}) == root and (root / MARKER).stat().st_mtime_ns == stamp
+    assert len(items) == 80 and sum(y for _, y in items) == 40 and (root / MANIFEST).is_file()
+    stamp = (root / MANIFEST).stat().st_mtime_ns
+    assert not make_pcam_like(root, splits={"train": 1, "val": 1}).built and (root / MANIFEST).stat().st_mtime_ns == stamp
     tumour = torch.stack([PatchDataset(items)[i][0] for i in range(40, 80)]).float()
     normal = torch.stack([PatchDataset(items)[i][0] for i in range(40)]).float()
     assert tumour.mean() < normal.mean() - 5  # tumour patches carry more (dark) nuclei
-    organ = make_organ_like(tmp_path / "PTCGA200", per_organ=10)
-    train = ptcga_items(organ, "train", tmp_path / "3fold_dict_idx_filenames.pickle")
+    organ = make_organ_like(tmp_path / "organs", per_organ=10).root
+    train = ptcga_items(organ / "PTCGA200", "train", organ / "3fold_dict_idx_filenames.pickle")
     assert len(train) == 28 and {y for _, y in train} == {1, 10, 15, 19}
 
 

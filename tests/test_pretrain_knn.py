@@ -1,4 +1,4 @@
-"""pretrain.knn (weighted k-NN on frozen features) and pretrain.ssl_demo (synthetic SSL patches).
+"""pretrain.knn (weighted k-NN on frozen features) and the synthetic SSL set (pretrain.synthetic, ssl_demo.py).
 
 k-NN answers are computed by hand on 2-D unit vectors, and checked against an independent loop
 implementation; extraction is checked against hand-computable features, in dataset order, and a
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from common import dist
 from common_testutils import run_workers
-from pretrain import ssl_demo
+from pretrain import ssl_demo, synthetic
 from pretrain.dataset import ORGAN2ID, PatchDataset, ptcga_items
 from pretrain.knn import extract_features, knn_accuracy, knn_predict
 
@@ -170,25 +170,21 @@ def test_two_processes_give_the_single_process_features(tmp_path):
             assert torch.equal(feats, single[0]) and torch.equal(labels, single[1])
 
 
-# ============================================================================= ssl_demo
+# ============================================================================= synthetic SSL set
 def test_ssl_demo_layout_labels_splits_and_regeneration(tmp_path, capsys):
-    root = ssl_demo.make_ssl_demo(tmp_path, per_class=7, size=48, seed=3)
-    split_file = root / ssl_demo.SPLIT_FILE
+    root = synthetic.make_ssl_demo(tmp_path, per_class=7, size=48, seed=3).root
+    split_file = root / synthetic.SPLIT_FILE
     parts = {s: ptcga_items(root / "PTCGA200", s, split_file) for s in ("train", "val", "test")}
     assert [len(v) for v in parts.values()] == [5 * 6, 1 * 6, 1 * 6]  # i < 4.9 train, i < 5.95 val, rest test
-    assert {label for items in parts.values() for _, label in items} == {ORGAN2ID[o] for o in ssl_demo.PAINTERS}
-    assert len({ORGAN2ID[o] for o in ssl_demo.PAINTERS}) == len(ssl_demo.PAINTERS) >= 5
+    assert {label for items in parts.values() for _, label in items} == {ORGAN2ID[o] for o in synthetic.PAINTERS}
+    assert len({ORGAN2ID[o] for o in synthetic.PAINTERS}) == len(synthetic.PAINTERS) >= 5
     image, label = PatchDataset(parts["train"])[0]
     assert image.shape == (3, 48, 48) and image.dtype == torch.uint8 and image.float().std() > 10
 
     first = root / "PTCGA200" / "colon" / "colon_0.png"
     stamp = first.stat().st_mtime_ns
-    ssl_demo.make_ssl_demo(tmp_path, per_class=7, size=48, seed=3)
-    assert first.stat().st_mtime_ns == stamp  # complete: not regenerated
-    (root / ssl_demo.MARKER).unlink()
-    first.unlink()  # an interrupted generation is redone
-    ssl_demo.make_ssl_demo(tmp_path, per_class=7, size=48, seed=3)
-    assert first.is_file() and (root / ssl_demo.MARKER).is_file()
+    assert not synthetic.make_ssl_demo(tmp_path, per_class=7, size=48, seed=3).built
+    assert first.stat().st_mtime_ns == stamp  # same parameters: reused as it is
 
     ssl_demo.main(["--root", str(tmp_path), "--per-class", "6", "--size", "48", "--seed", "3"])
     assert "total 36 images" in capsys.readouterr().out
@@ -196,12 +192,12 @@ def test_ssl_demo_layout_labels_splits_and_regeneration(tmp_path, capsys):
 
 
 def test_ssl_patches_are_reproducible_and_colour_is_drawn_per_image():
-    a = ssl_demo.ssl_patch(np.random.default_rng(0), "thyroid", 64)
-    assert np.array_equal(a, ssl_demo.ssl_patch(np.random.default_rng(0), "thyroid", 64))
+    a = synthetic.ssl_patch(np.random.default_rng(0), "thyroid", 64)
+    assert np.array_equal(a, synthetic.ssl_patch(np.random.default_rng(0), "thyroid", 64))
     # one fixed morphology rendered twice: the appearance differs although the class is the same
     rng = np.random.default_rng(1)
-    haematoxylin, eosin = ssl_demo.paint_liver(rng, 64, 64 / 96)
-    one, two = ssl_demo.render(rng, haematoxylin, eosin), ssl_demo.render(rng, haematoxylin, eosin)
+    haematoxylin, eosin = synthetic.paint_liver(rng, 64, 64 / 96)
+    one, two = synthetic.render(rng, haematoxylin, eosin), synthetic.render(rng, haematoxylin, eosin)
     assert np.abs(one.reshape(-1, 3).mean(0) - two.reshape(-1, 3).mean(0)).max() > 3
     with pytest.raises(ValueError, match="unknown synthetic organ 'kidney'"):
-        ssl_demo.ssl_patch(rng, "kidney")
+        synthetic.ssl_patch(rng, "kidney")

@@ -1,4 +1,5 @@
-"""pretrain.pack: byte-exact HDF5 packing, lazy sharded reading, shard-aware distributed sampling."""
+"""pretrain.pack: byte-exact HDF5 packing; pretrain.shards: lazy sharded reading, shard-aware
+distributed sampling."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain.dataset import ORGAN2ID
-from pretrain.pack import ShardAwareSampler, ShardedImages, assign_shards, main, pack_folder
+from pretrain.pack import main, pack_folder
+from pretrain.shards import ShardAwareSampler, ShardedImages, assign_shards
 
 # PTCGA-like source: colon and rectum share label 6; listed in the expected packed order
 PTCGA_FILES = ["colon/a.png", "colon/b.jpg", "colon/c.png", "lung/x.jpg", "lung/y.png", "rectum/r1.jpg", "rectum/r2.png"]
@@ -165,7 +167,7 @@ def test_reader_rejects_incomplete_packs(ptcga_pack):
 def test_cli_prints_summary(ptcga_src, tmp_path, capsys):
     assert main([str(ptcga_src), "--out", str(tmp_path / "cli"), "--shard-size", "2"]) == 0
     assert "packed 7 images into 4 shards" in capsys.readouterr().out
-    assert main([str(ptcga_src), "--out", str(tmp_path / "cli")]) == 1  # refuses to overwrite
+    assert main([str(ptcga_src), "--out", str(tmp_path / "cli")]) == 2  # refuses to overwrite
     assert "already holds a complete pack" in capsys.readouterr().err
 
 

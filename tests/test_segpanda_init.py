@@ -15,7 +15,7 @@ from common.checkpoint import load_file
 from common.config import parse_config
 from common.dist import DistContext
 from common.pretrained import PretrainedError
-from pretrained_testutils import fake_torchvision_file, offline_hub
+from pretrained_testutils import fake_torchvision_file
 from segpanda.config import TrainConfig
 from segpanda.demo import make_demo
 from segpanda.model import build_model
@@ -23,11 +23,6 @@ from segpanda.model import build_model
 R50 = "resnet50-0676ba61.pth"
 CTX = DistContext()
 TINY = dict(backbone="resnet18", backbone_layers=[1, 1, 1, 1])
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    return offline_hub(monkeypatch, tmp_path / "torch")
 
 
 def test_defaults_start_from_imagenet_and_the_demo_from_scratch():
@@ -86,7 +81,6 @@ def test_none_path_and_init_checkpoint(tmp_path, hub):
 
 
 def test_offline_stops_before_any_data_and_a_run_records_its_file(tmp_path, hub, monkeypatch):
-    monkeypatch.setenv("PATHMONO_NO_PROGRESS", "1")
     real_loader = train_module.build_train_loader
 
     def no_data(*args, **kwargs):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common_testutils import assert_same_weights
 from segpanda.config import EvalConfig, TrainConfig
 from segpanda.eval import main as evaluate_main
 from segpanda.dataset import DatasetError
@@ -36,8 +37,7 @@ def tiny_cfg(root, out, **kw) -> TrainConfig:
     return cfg
 
 
-def test_tiny_run_then_exact_resume(demo_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("PATHMONO_NO_PROGRESS", "1")
+def test_tiny_run_then_exact_resume(demo_root, tmp_path):
     straight = main(tiny_cfg(demo_root, tmp_path / "a", epochs=2))
     out = tmp_path / "a"
     assert {"best.pt", "last.pt", "config.json", "metrics.jsonl", "result.json"} <= {p.name for p in out.iterdir()}
@@ -52,7 +52,7 @@ def test_tiny_run_then_exact_resume(demo_root, tmp_path, monkeypatch):
     # PatchTCGA's schedule over 1 batch x 2 epochs: update 1 at lr 1e-3; peak step int(0.5) = 0, max 2, so
     # update 2 ends the cosine: peak * (1 + cos(pi)) / 2 + 1e-6 = 1e-6 (later updates would stay there)
     assert lrs == pytest.approx([1e-6, 1e-6], rel=1e-9)
-    assert sum("valid/patchtcga_miou_macro" in r for r in records) == 2  # one validation per epoch
+    assert sum("val/patchtcga_miou_macro" in r for r in records) == 2  # one validation per epoch
 
     # the evaluation script takes the model fields from the run's checkpoint and agrees with the run
     evaluated = evaluate_main(EvalConfig(checkpoint=str(out / "best.pt"), data_root=str(demo_root), val_crop_size=0,
@@ -66,8 +66,7 @@ def test_tiny_run_then_exact_resume(demo_root, tmp_path, monkeypatch):
     a = torch.load(out / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 2)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    assert_same_weights(a, b)
     assert resumed["test"]["confusion_matrix"] == straight["test"]["confusion_matrix"]
 
 
@@ -92,8 +91,7 @@ def test_loss_options_match_reference_formulas():
     assert F.cross_entropy(logits, target).item() == pytest.approx(plain.item(), rel=1e-6)
 
 
-def test_bad_mask_stops_training_at_start_up(demo_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("PATHMONO_NO_PROGRESS", "1")
+def test_bad_mask_stops_training_at_start_up(demo_root, tmp_path):
     mask_path = sorted((demo_root / "train").glob("*/*/*_mask.png"))[3]
     with Image.open(mask_path) as im:
         good = np.asarray(im).copy()
@@ -107,3 +105,18 @@ def test_bad_mask_stops_training_at_start_up(demo_root, tmp_path, monkeypatch):
         Image.fromarray(good).save(mask_path)
     with pytest.raises(DatasetError, match="smaller than the crop 64"):
         main(tiny_cfg(demo_root, tmp_path / "big", crop_size=64))
+
+
+@pytest.mark.usefixtures("one_thread")  # on a busy machine one thread per test is the fastest
+def test_training_learns_to_segment_the_demo_tissue(tmp_path):
+    """16 whole 48-px tiles, no colour augmentation, 10 epochs of 4 updates at lr 5e-3: the test
+    mIoU (best.pt) beats the untrained model's (lr 0, same data) by more than 0.1. This seed
+    reaches 0.18 from 0.00; seeds 1 and 2 reached 0.37 and 0.17 from at most 0.04."""
+    root = tmp_path / "data"
+    make_demo(root, {"train": 16, "val": 2, "test": 2}, size=48)
+    recipe = dict(crop_size=48, batch_size=4, lr=5e-3, warmup_epochs=0, jitter_prob=0, blur_prob=0,
+                  num_overlays=0, log_every=100)
+    untrained = main(tiny_cfg(root, tmp_path / "untrained", **{**recipe, "lr": 0.0}))  # one update
+    trained = main(tiny_cfg(root, tmp_path / "trained", **recipe, epochs=10, max_steps_per_epoch=0))
+    miou = "patchtcga_miou_macro"
+    assert trained["test"][miou] > untrained["test"][miou] + 0.1, (untrained["test"][miou], trained["test"][miou])

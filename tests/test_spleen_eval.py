@@ -12,7 +12,7 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from spleen.config import EvalConfig
-from spleen.eval import dice, evaluate, hausdorff95
+from spleen.eval import dice, evaluate_predictions, hausdorff95
 from spleen.transforms import VolumeError
 
 
@@ -69,7 +69,7 @@ def test_evaluate_writes_the_json_report(tmp_path):
     _write(tmp_path / "pred" / "case_a_seg.nii.gz", pred, affine)
     _write(tmp_path / "labels" / "case_b.nii.gz", gt, affine)
     _write(tmp_path / "pred" / "case_b_seg.nii.gz", gt, affine)
-    report = evaluate(EvalConfig(predictions=str(tmp_path / "pred"), labels=str(tmp_path / "labels")))
+    report = evaluate_predictions(EvalConfig(predictions=str(tmp_path / "pred"), labels=str(tmp_path / "labels")))
     saved = json.loads((tmp_path / "pred" / "metrics.json").read_text())
     assert saved["num_cases"] == 2 and [c["name"] for c in saved["cases"]] == ["case_a", "case_b"]
     assert saved["cases"][0]["dice"] == pytest.approx(2 * 40 / 100)
@@ -83,9 +83,9 @@ def test_pairing_and_grid_errors_name_the_files(tmp_path):
     affine = np.eye(4)
     _write(tmp_path / "pred" / "x_seg.nii.gz", np.zeros((4, 4, 4)), affine)
     with pytest.raises(VolumeError, match="no ground truth") as err:
-        evaluate(EvalConfig(predictions=str(tmp_path / "pred"), labels=str(tmp_path / "labels")))
+        evaluate_predictions(EvalConfig(predictions=str(tmp_path / "pred"), labels=str(tmp_path / "labels")))
     assert "x_seg.nii.gz" in str(err.value)
     _write(tmp_path / "labels" / "x.nii.gz", np.zeros((4, 4, 5)), affine)
     with pytest.raises(VolumeError, match="shape") as err:
-        evaluate(EvalConfig(predictions=str(tmp_path / "pred"), labels=str(tmp_path / "labels")))
+        evaluate_predictions(EvalConfig(predictions=str(tmp_path / "pred"), labels=str(tmp_path / "labels")))
     assert "x_seg.nii.gz" in str(err.value)

@@ -111,7 +111,7 @@ def test_optimizer_and_step_lr_hold_the_reference_values():
 
 
 # ----------------------------------------------------------------------------- inside train.main
-def test_main_steps_the_schedule_once_per_epoch_and_validates_every_epoch(tmp_path, monkeypatch):
+def test_main_steps_the_schedule_once_per_epoch_and_validates_every_epoch(tmp_path, monkeypatch, lr_per_step):
     """Two steps per epoch and StepLR(step_size 2): the optimizer must see 2e-3 for the four steps
     of epochs 1-2 and 2e-4 for both steps of epoch 3 (a per-step StepLR would drop after step 2)."""
     g = torch.Generator().manual_seed(0)
@@ -125,20 +125,12 @@ def test_main_steps_the_schedule_once_per_epoch_and_validates_every_epoch(tmp_pa
         evaluations.append(1)
         return {"dice": 0.5, "cases": {}}
 
-    monkeypatch.setattr(train, "evaluate", fake_evaluate)
-    lrs = []
-    real_step = MixedPrecision.backward_step
-
-    def recording_step(self, loss, optimizer, *args, **kwargs):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        return real_step(self, loss, optimizer, *args, **kwargs)
-
-    monkeypatch.setattr(MixedPrecision, "backward_step", recording_step)
+    monkeypatch.setattr(train, "validation_dice", fake_evaluate)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), device="cpu", channels=[2, 4, 8], strides=[2, 2],
                       num_res_units=1, roi_size=[16, 16, 16], num_samples=2, batch_size=1, epochs=3,
                       lr_step_size=2, num_workers=0, log_every=100)  # lr 2e-3, gamma 0.1: the recipe's
     train.main(cfg)
-    assert lrs == pytest.approx([2e-3, 2e-3, 2e-3, 2e-3, 2e-4, 2e-4], rel=1e-12)
+    assert lr_per_step == pytest.approx([2e-3, 2e-3, 2e-3, 2e-3, 2e-4, 2e-4], rel=1e-12)
     assert len(evaluations) == 3  # val_every 1
 
 
@@ -185,7 +177,7 @@ def test_validation_uses_the_bundle_sliding_window(monkeypatch):
     loader.dataset = types.SimpleNamespace(cases=[types.SimpleNamespace(name="case")])
     amp = MixedPrecision(torch.device("cpu"), "fp32")
     ctx = types.SimpleNamespace(device=torch.device("cpu"))
-    train.evaluate(torch.nn.Identity(), loader, amp, ctx, TrainConfig())
+    train.validation_dice(torch.nn.Identity(), loader, amp, ctx, TrainConfig())
     assert seen == [([96, 96, 96], 4, 0.5, "constant")]
 
 

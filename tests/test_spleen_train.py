@@ -7,11 +7,10 @@ import json
 import sys
 
 import pytest
-import torch
 
 import spleen.train as train
 from common.checkpoint import load_file
-from common_testutils import free_port, read_jsonl, run_ok
+from common_testutils import assert_same_weights, free_port, read_jsonl, run_ok
 from spleen.config import TrainConfig
 from spleen.demo import make_demo
 from spleen.model import UNet, load_unet_weights
@@ -40,11 +39,11 @@ def test_training_run_writes_checkpoints_metrics_and_bundle_weights(data_root, t
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "model.pt", "result.json"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    valid = [r for r in rows if "valid/dice" in r]
-    assert [r["epoch"] for r in valid] == [1, 2] and all(0.0 <= r["valid/dice"] <= 1.0 for r in valid)
+    valid = [r for r in rows if "val/dice" in r]
+    assert [r["epoch"] for r in valid] == [1, 2] and all(0.0 <= r["val/dice"] <= 1.0 for r in valid)
     assert list(valid[0]["cases"]) == ["spleen_5"]
     assert sum("train/loss" in r for r in rows) == 4  # 2 epochs x 2 steps
-    assert result["best_valid_dice"] == max(r["valid/dice"] for r in valid)
+    assert result["best_val_dice"] == max(r["val/dice"] for r in valid)
     last = load_file(out / "last.pt")
     assert last["epoch"] == 2 and last["step"] == 4 and last["config"]["channels"] == [2, 4, 8]
     model = UNet(channels=[2, 4, 8], strides=[2, 2], num_res_units=1)
@@ -79,8 +78,7 @@ def test_mid_epoch_resume_equals_uninterrupted_run(data_root, tmp_path, monkeypa
     train.main(tiny_config(data_root, tmp_path / "resumed", cache, checkpoint_every=1))
     resumed = load_file(tmp_path / "resumed" / "last.pt")
     assert (resumed["epoch"], resumed["step"]) == (2, 4)
-    for key, value in straight["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
+    assert_same_weights(straight, resumed)
     assert resumed["best_metric"] == pytest.approx(straight["best_metric"])
 
 
@@ -93,10 +91,27 @@ def test_two_process_ddp_run_validates_every_case_once(data_root, tmp_path):
            "--channels", "2", "4", "8", "--strides", "2", "2", "--num-res-units", "1", "--epochs", "2",
            "--num-workers", "0", "--device", "cpu", "--sw-batch-size", "8", "--seed", "7"]
     run_ok(cmd, timeout=240)
-    valid = [r for r in read_jsonl(out / "metrics.jsonl") if "valid/dice" in r]
+    valid = [r for r in read_jsonl(out / "metrics.jsonl") if "val/dice" in r]
     assert [r["epoch"] for r in valid] == [1, 2]
     for row in valid:
         assert sorted(row["cases"]) == ["spleen_4", "spleen_5"]  # one per rank, each exactly once
-        assert row["valid/dice"] == pytest.approx(sum(row["cases"].values()) / 2)
+        assert row["val/dice"] == pytest.approx(sum(row["cases"].values()) / 2)
     last = load_file(out / "last.pt")
     assert (last["epoch"], last["step"]) == (2, 2)  # 3 train volumes -> 2 per rank -> 1 step per epoch
+
+
+@pytest.mark.usefixtures("one_thread")  # on a busy machine one thread per test is the fastest
+def test_training_learns_to_segment_the_spleen(data_root, tmp_path):
+    """The demo's network, resolution and crops (defaults but 32^3 crops) for 12 epochs of 2 steps:
+    the validation Dice beats the untrained model's (lr 0, same data) by more than 0.2. This seed
+    reaches 0.84 from 0.01; seeds 1-4 reached 0.33-0.88 from at most 0.10."""
+    def demo_sized(out, **kw) -> TrainConfig:
+        cfg = TrainConfig(data_root=str(data_root), output_dir=str(out), cache_dir=str(tmp_path / "cache"),
+                          val_count=1, roi_size=[32, 32, 32], sw_batch_size=16, batch_size=2, num_workers=0,
+                          device="cpu", seed=7, log_every=100, **kw)
+        cfg.validate()
+        return cfg
+
+    untrained = train.main(demo_sized(tmp_path / "untrained", lr=0.0, epochs=1, max_steps_per_epoch=1))
+    trained = train.main(demo_sized(tmp_path / "trained", epochs=12, val_every=12))
+    assert trained["last"]["dice"] > untrained["last"]["dice"] + 0.2, (untrained["last"], trained["last"])

@@ -27,10 +27,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common import dist
 from common.amp import MixedPrecision
-from common.checkpoint import find_resume, gather_rng_states, load_training_state, save_training_state
 from common.config import BaseConfig, ConfigError, parse_config, save_config
+from common.errors import exit_on_user_error
 from common.logging import MetricLogger, git_revision
 from common.optim import FunctionScheduler, Novograd, warmup_cosine
+from common.training import Checkpointer, TrainState, wrap_ddp
 
 
 @dataclass
@@ -39,13 +40,13 @@ class TinyConfig(BaseConfig):
 
     output_dir: str = "runs/tiny"
     num_workers: int = 0
-    epochs: int = 3
+    epochs: int = 3  # passes over the synthetic samples
     batch_size: int = 8  # per process; the global batch is batch_size * world size
     lr: float = 0.05  # peak learning rate after warm-up
-    warmup_steps: int = 2
-    n_samples: int = 64
-    n_features: int = 8
-    hidden: int = 16
+    warmup_steps: int = 2  # linear warm-up steps before the cosine
+    n_samples: int = 64  # synthetic regression samples
+    n_features: int = 8  # inputs per sample
+    hidden: int = 16  # width of the MLP's hidden layer
     use_dropout: bool = False  # dropout draws from the global RNG: exercises RNG save/restore
     checkpoint_every: int = 0  # optimizer steps between checkpoints of last.pt (0: only at the end)
     sleep_per_step: float = 0.0  # seconds; lets tests kill the run mid-epoch
@@ -82,8 +83,11 @@ def build_model(cfg: TinyConfig) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- loops
-def train_one_epoch(model, loader, optimizer, scheduler, amp, cfg, ctx, logger, run) -> None:
-    """One (possibly partial, after a resume) epoch; ``run`` holds step/epoch/steps_per_epoch."""
+def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, ctx, cfg: TinyConfig,
+                    logger: MetricLogger, ckpt: Checkpointer, steps_per_epoch: int) -> None:
+    """One (possibly partial, after a resume) epoch. Every task's ``train_one_epoch`` takes the
+    same kinds of arguments in this order: model, loader, optimizer, scheduler, amp, state, ctx,
+    cfg, logger, checkpointer, then what is specific to the task."""
     model.train()
     for x, y in loader:
         x, y = x.to(ctx.device), y.to(ctx.device)
@@ -92,10 +96,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, cfg, ctx, logger, 
         lr = scheduler.get_last_lr()[0]
         amp.backward_step(loss, optimizer, params=model.parameters(), clip_norm=10.0)
         scheduler.step()
-        run["step"] += 1
-        logger.log(run["step"], {"loss": loss.item(), "lr": lr}, prefix="train", epoch=run["epoch"])
-        if cfg.checkpoint_every and run["step"] % cfg.checkpoint_every == 0 and run["step"] < run["total"]:
-            save_state(cfg, ctx, model, optimizer, scheduler, amp, run)
+        state.step += 1
+        logger.log(state.step, {"loss": loss.item(), "lr": lr}, prefix="train", epoch=state.epoch)
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 \
+                and state.step < steps_per_epoch * cfg.epochs:
+            ckpt.save(state)  # mid-epoch: state.epoch is the epoch in progress
         if cfg.sleep_per_step:
             time.sleep(cfg.sleep_per_step)
 
@@ -113,16 +118,6 @@ def evaluate(model, ds, cfg, ctx) -> float:
     return sums["se"] / sums["n"]
 
 
-def save_state(cfg, ctx, model, optimizer, scheduler, amp, run, name: str = "last.pt") -> None:
-    """Collective (every rank gathers its RNG state); rank 0 writes; everyone waits."""
-    rng = gather_rng_states()
-    if ctx.is_main:
-        save_training_state(f"{cfg.output_dir}/{name}", model=model, optimizer=optimizer, scheduler=scheduler,
-                            scaler=amp, epoch=run["step"] // run["steps_per_epoch"], step=run["step"],
-                            config=cfg.to_dict(), rng=rng)
-    dist.barrier()
-
-
 # ----------------------------------------------------------------------------- main
 def main(cfg: TinyConfig) -> float:
     ctx = dist.setup(cfg.device)
@@ -136,35 +131,34 @@ def main(cfg: TinyConfig) -> float:
     sampler = dist.make_sampler(ds, shuffle=True, seed=cfg.seed)
     loader = make_loader(ds, sampler, cfg)
     steps_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
-    run = {"step": 0, "epoch": 0, "steps_per_epoch": steps_per_epoch, "total": steps_per_epoch * cfg.epochs}
+    total_steps = steps_per_epoch * cfg.epochs
 
     model = build_model(cfg).to(ctx.device)
-    if ctx.distributed:
-        model = nn.parallel.DistributedDataParallel(model)
+    ddp = wrap_ddp(model, ctx)
     optimizer = Novograd(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    scheduler = FunctionScheduler(optimizer, lambda s: warmup_cosine(s, run["total"], cfg.warmup_steps, cfg.lr))
+    scheduler = FunctionScheduler(optimizer, lambda s: warmup_cosine(s, total_steps, cfg.warmup_steps, cfg.lr))
     amp = MixedPrecision(ctx.device, cfg.precision)
 
-    resume_from = find_resume(cfg.output_dir) if cfg.resume else None
-    if resume_from is not None:
-        state = load_training_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=amp)
-        run["step"] = state["step"]
-        dist.print0(f"resumed from {resume_from} at step {run['step']}")
+    state = TrainState()
+    ckpt = Checkpointer(cfg.output_dir, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp)
+    ckpt.resume(state)
 
     mse = float("nan")
-    for epoch in range(run["step"] // steps_per_epoch, cfg.epochs):
-        run["epoch"] = epoch
-        sampler.set_epoch(epoch, skip=(run["step"] - epoch * steps_per_epoch) * cfg.batch_size)
-        train_one_epoch(model, loader, optimizer, scheduler, amp, cfg, ctx, logger, run)
+    for epoch in range(state.epoch, cfg.epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
+        train_one_epoch(ddp, loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt, steps_per_epoch)
         mse = evaluate(model, ds, cfg, ctx)
-        logger.log(run["step"], {"mse": mse}, prefix="val", epoch=epoch)
+        logger.log(state.step, {"mse": mse}, prefix="val", epoch=epoch)
+        state.epoch = epoch + 1
 
-    save_state(cfg, ctx, model, optimizer, scheduler, amp, run)
-    logger.log(run["step"], {"final_mse": mse, "world_size": ctx.world_size, "done": 1})
+    ckpt.save(state)
+    logger.log(state.step, {"final_mse": mse, "world_size": ctx.world_size, "done": 1})
     logger.close()
     dist.cleanup()
     return mse
 
 
 if __name__ == "__main__":
-    dist.launch(main, parse_config(TinyConfig))
+    with exit_on_user_error():
+        dist.launch(main, parse_config(TinyConfig))
