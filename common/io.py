@@ -1,4 +1,5 @@
-"""Atomic file writes: a file is either the old one or the complete new one, never torn.
+"""Atomic file writes (a file is either the old one or the complete new one, never torn) and
+file content hashes.
 
     atomic_write(path, lambda fh: np.save(fh, array))     # any writer taking a file object
     atomic_write_text(path, json.dumps(result))
@@ -6,9 +7,11 @@
 
 Each writes a temp file in the target's folder, fsyncs it, renames it over the target and fsyncs
 the folder. Used for every output a long job leaves behind (checkpoints, maps, CSVs, JSON).
+``file_sha256(path)`` names a file's content (a checkpoint in a run record, a weights file).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -73,3 +76,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

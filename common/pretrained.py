@@ -23,7 +23,6 @@ them as one line (``common.errors.exit_on_user_error``).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -38,6 +37,7 @@ import torch.nn as nn
 from common import dist
 from common.checkpoint import CheckpointError
 from common.config import ConfigError
+from common.io import file_sha256
 
 IMAGENET, NONE = "imagenet", "none"
 DOWNLOAD_TIMEOUT_S = 60.0  # socket timeout while downloading (a firewalled machine fails instead of hanging)
@@ -118,11 +118,7 @@ def fetch_imagenet(weights, local_rank: int = 0) -> Path:
 
 # ----------------------------------------------------------------------------- resolution
 def sha256_prefix(path: str | os.PathLike, n: int = 12) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:n]
+    return file_sha256(path)[:n]
 
 
 def _existing_file(value: str, flag: str) -> Path:

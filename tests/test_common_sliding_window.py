@@ -1,5 +1,6 @@
 """common.sliding_window: MONAI sliding_window_inference algorithm (scan, padding, border windows,
-importance maps, accumulation), checked against hand-computed cases and a naive re-implementation."""
+importance maps, accumulation), checked against hand-computed cases and a naive re-implementation;
+the whole-volume mode (padding, blocks and their halo) against the network run directly."""
 from __future__ import annotations
 
 import itertools
@@ -9,8 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.sliding_window import (importance_map, scan_intervals, sliding_window_inference, window_count,
-                                   window_slices, window_starts)
+from common.sliding_window import (block_plan, importance_map, padded_size, scan_intervals, sliding_window_inference,
+                                   whole_volume_inference, window_count, window_slices, window_starts,
+                                   window_weight_sum)
 
 
 @pytest.mark.parametrize("size, roi, interval, expected", [
@@ -172,3 +174,66 @@ def test_window_batches_and_half_precision_outputs_accumulate_in_input_dtype():
 def test_predictor_must_keep_the_window_size():
     with pytest.raises(ValueError, match="spatial size"):
         sliding_window_inference(torch.rand(1, 1, 16, 16), (8, 8), 2, lambda w: w[..., :4, :4])
+
+
+# ----------------------------------------------------------------------------- constant-mode count, whole volume
+def test_constant_count_is_the_number_of_windows_over_each_voxel():
+    # size 226, roi 96, overlap 0.5 -> starts 0, 48, 96, 130 (hand count per position below)
+    windows = window_slices((226,), (96,), (48,))
+    count = window_weight_sum((226,), windows, torch.ones(96), "constant")[0, 0]
+    expected = {0: 1, 47: 1, 48: 2, 95: 2, 96: 2, 129: 2, 130: 3, 143: 3, 144: 2, 191: 2, 192: 1, 225: 1}
+    assert {i: int(count[i]) for i in expected} == expected
+    # 3-D: the outer product of the per-axis counts, as adding a ones-window per window gives
+    windows = window_slices((130, 96, 113), (96, 96, 96), (48, 96, 48))
+    summed = torch.zeros(1, 1, 130, 96, 113)
+    for w in windows:
+        summed[(slice(None), slice(None), *w)] += 1
+    assert torch.equal(window_weight_sum((130, 96, 113), windows, torch.ones(96, 96, 96), "constant"), summed)
+
+
+@pytest.mark.parametrize("size, multiple, minimum, expected", [(243, 16, 96, 256), (40, 16, 96, 96), (96, 16, 96, 96),
+                                                               (97, 16, 0, 112), (168, 16, 96, 176)])
+def test_padded_size(size, multiple, minimum, expected):
+    assert padded_size(size, multiple, minimum) == expected
+
+
+def test_block_plan_cores_tile_the_axis_and_reads_carry_the_halo():
+    plan = block_plan(256, 96, 32)
+    assert [(r.start, r.stop) for r, _, _ in plan] == [(0, 128), (64, 224), (160, 256)]
+    assert [(p.start, p.stop) for _, _, p in plan] == [(0, 96), (96, 192), (192, 256)]
+    assert [(c.start, c.stop) for _, c, _ in plan] == [(0, 96), (32, 128), (32, 96)]
+    assert block_plan(256, 0, 32) == [(slice(0, 256), slice(0, 256), slice(0, 256))]
+
+
+def _box_filter_net(depth: int) -> nn.Module:
+    """``depth`` 3x3x3 mean filters with zero padding: receptive-field radius = depth voxels."""
+    layers = []
+    for _ in range(depth):
+        conv = nn.Conv3d(1, 1, 3, padding=1, bias=False)
+        nn.init.constant_(conv.weight, 1 / 27)
+        layers.append(conv)
+    return nn.Sequential(*layers).double()
+
+
+def test_whole_volume_equals_the_network_on_the_padded_volume_and_blocks_with_a_wide_halo_equal_it():
+    torch.manual_seed(0)
+    net = _box_filter_net(3)
+    x = torch.rand(2, 1, 50, 37, 20, dtype=torch.float64)
+    with torch.no_grad():
+        one_pass = whole_volume_inference(x, net, 8, 16)
+        # padded to (56, 40, 24) with diff // 2 before, as the sliding window pads
+        expected = net(torch.nn.functional.pad(x, (2, 2, 1, 2, 3, 3)))[..., 3:53, 1:38, 2:22]
+        assert torch.equal(one_pass, expected)
+        blocks = whole_volume_inference(x, net, 8, 16, block_size=16, halo=8)  # halo 8 >= radius 3
+        assert torch.allclose(blocks, one_pass, rtol=0, atol=1e-12)
+        no_halo = whole_volume_inference(x, net, 8, 16, block_size=16, halo=0)
+        assert (no_halo - one_pass).abs().max() > 1e-3  # the halo is what makes blocks exact
+
+
+def test_whole_volume_equals_the_sliding_window_when_one_window_covers_the_volume():
+    torch.manual_seed(1)
+    net = _box_filter_net(2).float()
+    x = torch.rand(1, 1, 30, 17, 24)
+    with torch.no_grad():
+        assert torch.equal(whole_volume_inference(x, net, 8, (32, 24, 24)),
+                           sliding_window_inference(x, (32, 24, 24), 1, net, overlap=0.5))
