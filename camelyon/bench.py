@@ -1,6 +1,7 @@
 """Whole-slide inference benchmark: prints numbers, asserts nothing.
 
     python camelyon/bench.py [--slide PATH] [--cells 16] [--device cuda] [--precision fp16]
+    python camelyon/bench.py --large [--large-mode patch]      # Camelyon scale: large vs small slide
 
 On one slide and the same block of tissue cells it measures, each in a forked process (so peak
 memory is per mode):
@@ -10,13 +11,24 @@ memory is per mode):
 - pure forward: the network alone on random tensors shaped like the dense tiles (and like patch
   batches), no reading; end-to-end efficiency = mode throughput / its pure-forward throughput.
 Throughput is in patch-equivalents (grid cells) per second.
+
+``--large``: flat memory and time proportional to tissue. On a 204,800 x 98,304 px pyramid with
+three tissue islands and on an 8,192 x 8,192 px slide with the same islands
+(``camelyon/large_slide.py``, generated once into the cache), each in a fresh process: the tissue
+mask's time, infer.py's whole run on the slide (``--large-mode``, dense by default; random weights
+in the bundle's layout), tissue cells per second, the process's peak RSS (and its reader workers'),
+and the ratios large / small against the goal: time and peak RSS within 1.2x, peak RSS < 2 GB.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import multiprocessing as mp
+import os
 import pickle
-import resource
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +38,7 @@ import torch
 
 from common.config import BaseConfig, parse_config
 from common.errors import exit_on_user_error
+from common.memory import peak_rss_mb
 from common.wsi import open_slide
 
 
@@ -38,10 +51,14 @@ class BenchConfig(BaseConfig):
     num_workers: int = 2
     repeats: int = 1  # timed runs per mode (averaged)
     checkpoint: str = ""  # with a trained checkpoint: also measure dense vs patch agreement on the whole slide
+    large: bool = False  # Camelyon-scale slide vs a small slide with the same tissue (time, memory)
+    large_mode: str = "dense"  # --large: infer.py's --mode on both slides (dense or patch)
+    large_goal: float = 1.2  # --large: the goal for large / small time and peak RSS
+    large_goal_rss_mb: float = 2048  # --large: the goal for the large slide's peak RSS
 
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def validate(self) -> None:
+        if self.large_mode not in ("dense", "patch"):
+            raise ValueError(f"--large-mode must be dense or patch, got {self.large_mode!r}")
 
 
 def _block_mask(slide: str, cells: int):
@@ -118,7 +135,7 @@ def _run_mode(mode: str, cfg: BenchConfig, queue) -> None:
             per_call = (time.perf_counter() - t0) / cfg.repeats
             result.update(cells=cfg.cells ** 2 if mode == "forward_dense" else batch, seconds=per_call)
     result["cells_per_s"] = result["cells"] / result["seconds"]
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     queue.put(result)
@@ -179,7 +196,161 @@ def agreement(cfg: BenchConfig) -> dict:
     return out
 
 
+# ============================================================================= --large
+def _measure_slide(slide: str, checkpoint: str, out_dir: str, cfg: BenchConfig, queue) -> None:
+    """In a fresh process: the tissue mask alone, then infer.py's run on the slide (which computes
+    the mask again, as a user's run does); times, tissue cells and this process's peak RSS."""
+    from camelyon.config import InferConfig
+    from camelyon.dataset import CAMELYON16_MPP
+    from camelyon.infer import run
+    from camelyon.prepare import tissue_mask_at
+    from common.wsi import resolve_scale, slide_mpp
+
+    os.environ["PATHMONO_NO_PROGRESS"] = "1"  # this process only: no progress bars between the rows
+    infer_cfg = InferConfig(slides=slide, checkpoint=checkpoint, output_dir=out_dir, mode=cfg.large_mode,
+                            num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision)
+    with open_slide(slide) as handle:
+        scale = resolve_scale(slide_mpp(handle, slide), CAMELYON16_MPP).scale
+    t0 = time.perf_counter()
+    tm = tissue_mask_at(slide, infer_cfg.mask_downsample, scale)
+    t1 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # infer.py's per-slide lines; the table says it
+        run(infer_cfg)
+    t2 = time.perf_counter()
+    cells = int(tm.mask.sum())
+    queue.put({"tissue_cells": cells, "grid": list(tm.mask.shape), "mask_s": t1 - t0, "infer_s": t2 - t1,
+               "cells_per_s": cells / (t2 - t1), "peak_rss_mb": peak_rss_mb()})
+
+
+def _measure_or_report(*args) -> None:
+    try:
+        _measure_slide(*args)
+    except Exception as err:
+        args[-1].put(RuntimeError(f"{type(err).__name__}: {err}"))
+
+
+def measure_in_fresh_process(slide: Path, checkpoint: Path, out_dir: Path, cfg: BenchConfig) -> dict:
+    """:func:`_measure_slide` in a new interpreter (spawn), so its peak memory is the slide's own;
+    ``process_s`` is the whole process, start-up to outputs written."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    t0 = time.perf_counter()
+    proc = ctx.Process(target=_measure_or_report, args=(str(slide), str(checkpoint), str(out_dir), cfg, queue))
+    proc.start()
+    with TreeMemory(proc.pid) as tree:
+        result = _result_or_death(proc, queue)
+    proc.join()
+    if isinstance(result, BaseException):
+        raise result
+    return {**result, "process_s": time.perf_counter() - t0, "tree_peak_pss_mb": tree.peak_mb}
+
+
+class TreeMemory:
+    """Peak, sampled every ``interval`` s, of the summed PSS (proportional set size: shared pages
+    split between their users) of a process and its descendants (its reader workers) -- what the
+    whole job costs the machine. Linux only (``/proc``); 0 elsewhere."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        self.pid, self.interval, self.peak_mb = pid, interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, sum(map(_pss_mb, _process_tree(self.pid))))
+
+    
+def _process_tree(pid: int) -> list[int]:
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo += [int(c) for c in fh.read().split()]
+        except OSError:  # gone meanwhile, or no /proc
+            pass
+    return tree
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _result_or_death(proc, queue, poll_s: float = 1.0):
+    """What the child puts in ``queue``; an error if it dies without (killed, out of memory)."""
+    import queue as queue_module
+
+    while True:
+        try:
+            return queue.get(timeout=poll_s)
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # it may have put its result just before exiting
+                    return queue.get(timeout=poll_s)
+                except queue_module.Empty:
+                    return RuntimeError(f"the measuring process died (exit code {proc.exitcode}) before reporting")
+
+
+def _random_bundle_checkpoint(path: Path) -> Path:
+    """Random weights (seed 0) saved as the bundle's ``model.pt`` is: a bare state_dict."""
+    from camelyon.model import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_model().state_dict(), path)
+    return path
+
+
+def large_vs_small(cfg: BenchConfig, slides=None) -> dict:
+    """``--large``: both benchmark slides (default: ``make_benchmark_slides()``, built once), each
+    measured in a fresh process; prints the table, the ratios and the goal."""
+    from camelyon.large_slide import describe, make_benchmark_slides
+
+    slides = slides or make_benchmark_slides()
+    print(describe(slides))
+    print(f"infer.py --mode {cfg.large_mode}, random bundle-layout weights, {cfg.num_workers} reader workers, "
+          f"device {cfg.device}, each slide in a fresh process; load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory(prefix="camelyon_bench_large_") as tmp:
+        checkpoint = _random_bundle_checkpoint(Path(tmp) / "model.pt")
+        results = {name: measure_in_fresh_process(path, checkpoint, Path(tmp) / name, cfg)
+                   for name, path in (("small", slides.small), ("large", slides.large))}
+    print(f"{'slide':>6} {'tissue cells':>12} {'mask s':>7} {'inference s':>11} {'cells/s':>8} "
+          f"{'process s':>9} {'peak RSS MB':>11} {'tree PSS MB':>11}")
+    for name, r in results.items():
+        print(f"{name:>6} {r['tissue_cells']:>12} {r['mask_s']:>7.2f} {r['infer_s']:>11.1f} {r['cells_per_s']:>8.1f} "
+              f"{r['process_s']:>9.1f} {r['peak_rss_mb']:>11.0f} {r['tree_peak_pss_mb']:>11.0f}")
+    ratios = {key: results["large"][key] / results["small"][key]
+              for key in ("mask_s", "infer_s", "process_s", "peak_rss_mb", "tree_peak_pss_mb") if results["small"][key]}
+    met = (ratios["infer_s"] <= cfg.large_goal and ratios["peak_rss_mb"] <= cfg.large_goal
+           and results["large"]["peak_rss_mb"] < cfg.large_goal_rss_mb)
+    print("large / small: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+          + f"; goal (inference time and peak RSS within {cfg.large_goal:g}x, peak RSS < {cfg.large_goal_rss_mb:g} MB): "
+          + ("met" if met else "NOT met"))
+    summary = {"slides": {"large": str(slides.large), "small": str(slides.small), "generation": slides.info},
+               "results": results, "ratios": ratios, "goal_met": met}
+    print(json.dumps(summary))
+    return summary
+
+
 def main(cfg: BenchConfig) -> dict:
+    if cfg.large:
+        return large_vs_small(cfg)
     if not cfg.slide:
         from camelyon.config import demo_root
         from camelyon.demo import make_demo

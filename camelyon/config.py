@@ -104,10 +104,15 @@ class InferConfig(BaseConfig):
     export: list[Literal["geojson", "asap"]] = field(default_factory=list)  # lesion files for QuPath / ASAP
     contours: bool = False  # also export contour polygons of the thresholded map
     channels_last: bool = True  # channels-last memory format on CUDA
+    # restartable folder runs: finished slides are skipped, the slide in progress resumes from its last save
+    overwrite: bool = False  # redo slides finished before with the same checkpoint and settings
+    flush_every: int = 64  # save the slide in progress every N forward passes (dense: tiles, patch: batches); 0: never
 
     def validate(self) -> None:
         if self.slide_mpp < 0 or self.model_mpp < 0 or not 0 <= self.mpp_tolerance < 1:
             raise ValueError("--slide-mpp and --model-mpp must be >= 0 (0: automatic), --mpp-tolerance in [0, 1)")
+        if self.flush_every < 0:
+            raise ValueError(f"--flush-every must be >= 0 (0: never save the slide in progress), got {self.flush_every}")
 
 
 @dataclass

@@ -25,18 +25,32 @@ without a resolution is assumed to be at model_mpp (with a warning) unless ``--s
 
 Outputs per slide: ``<slide>.npy`` (float64 map), ``<slide>.csv`` (``probability,X,Y`` at level 0
 after NMS: threshold 0.5, 48-cell box), ``<slide>_heatmap.png``, optional GeoJSON / ASAP XML.
+
+Restartable, crash-safe folder runs: every output is written atomically, then a record
+``.finished/<slide>.json`` (:mod:`common.finished`) keyed on the checkpoint's sha256 and the
+output-shaping settings (``OUTPUT_SETTINGS``, model µm/px resolved); the same command run again
+skips those slides (``--overwrite`` redoes them). The slide in progress saves its map so far every
+``--flush-every`` forward passes (dense: tiles, patch: batches of the fixed batch plan) to
+``.partial/<slide>.npz``; a restart under the same key continues from it, with outputs bit-identical
+to an uninterrupted run. ``inference.jsonl`` gets one line per slide as it ends (status ok, failed or
+skipped). A slide that cannot be read is reported and the run goes on; the exit status is then the
+number of failed slides (at most 100). A run over one slide reports its error as a user error.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import openslide
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from camelyon.config import InferConfig
 from camelyon.dataset import CAMELYON16_MPP, PATCH
@@ -45,16 +59,30 @@ from camelyon.prepare import TissueMask, tissue_mask_at
 from common import dist
 from common.amp import MixedPrecision
 from common.augment import scale_intensity
+from common.cache import cached_arrays
 from common.checkpoint import load_file
-from common.io import atomic_write, atomic_write_text
+from common.errors import USER_ERRORS, UserError, describe, exit_on_user_error
+from common.finished import FinishedWork
+from common.io import atomic_write, atomic_write_text, file_sha256
 from common.config import parse_config
 from common.logging import progress
 from common.metrics.froc import map_to_level0, nms
+from common.work_queue import WorkQueue
 from common.wsi import (SlideHandles, best_level, list_slides, open_slide, read_rgb_scaled, recorded_mpp,
                         resolve_scale, slide_mpp)
-from common.errors import exit_on_user_error
 
 HALF = PATCH // 2
+#: InferConfig fields that shape the written outputs (with the mode's own: tile_cells or batch_size):
+#: a finished slide is redone when one of them, the checkpoint or the resolved model µm/px changes
+OUTPUT_SETTINGS = ("mode", "mask_downsample", "slide_mpp", "mpp_tolerance", "precision", "nms_threshold", "nms_box",
+                   "nms_sigma", "export", "contours")
+MODE_SETTINGS = {"dense": ("tile_cells",), "patch": ("batch_size",)}
+#: what makes one slide fail without stopping a folder run: the user errors (a missing or corrupt
+#: file, no tissue, ...) and the errors OpenSlide raises when a tile of a truncated file is read
+SLIDE_ERRORS = USER_ERRORS + (openslide.OpenSlideError,)
+PARTIAL = ".partial"  # the slide in progress: <output_dir>/.partial/<slide>.npz
+MASKS = ".tissue"  # <output_dir>/.tissue/<slide>.npz: each slide's tissue mask, computed once
+SUMMARY = "inference.jsonl"
 
 
 def cell_top_left(rows: np.ndarray, cols: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +90,66 @@ def cell_top_left(rows: np.ndarray, cols: np.ndarray, ratio: float) -> tuple[np.
     ``ratio`` is given in: level 0 on the bundle's slides, network pixels in general."""
     return (np.round((rows + 0.5) * ratio - HALF).astype(np.int64),
             np.round((cols + 0.5) * ratio - HALF).astype(np.int64))
+
+
+class SlideProgress:
+    """The map of the slide in progress and which units of work (dense tiles, patch batches) are
+    done, saved atomically to ``path`` after every ``every`` units, so that a killed run continues
+    from the last save. The file holds the tissue cells' values, the done units, the tissue mask and
+    the ``key`` they were computed under; a file with another key, mask or number of units is
+    ignored (and replaced at the next save). ``SlideProgress()`` keeps everything in memory only."""
+
+    def __init__(self, path: Path | None = None, key: str = "", every: int = 0, resume: bool = True):
+        self.path, self.key, self.every, self.resume = path, key, every, resume
+        self.resumed = 0  # units taken from the file
+        self.saves = 0
+        self._unsaved = 0
+
+    def start(self, mask: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
+        """(map, done units): zeros, or what the file holds for this key, mask and plan."""
+        self.mask = mask
+        self.prob = np.zeros(mask.shape, dtype=np.float64)
+        self.done = np.zeros(n_units, dtype=bool)
+        saved = self._load() if self.resume else None
+        if saved is not None and self._fits(saved):
+            self.prob[mask] = saved["values"]
+            self.done[:] = saved["done"]
+        self.resumed = int(self.done.sum())
+        return self.prob, self.done
+
+    def _load(self) -> dict | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError, KeyError):  # unreadable: start the slide again
+            return None
+
+    def _fits(self, saved: dict) -> bool:
+        return (str(saved.get("key")) == self.key and tuple(saved.get("shape", ())) == self.mask.shape
+                and np.array_equal(saved.get("mask"), np.packbits(self.mask)) and saved.get("done") is not None
+                and saved["done"].shape == self.done.shape)
+
+    def unit_done(self, unit: int) -> None:
+        """Call after the map holds unit ``unit``'s values."""
+        self.done[unit] = True
+        self._unsaved += 1
+        if self.every and self._unsaved >= self.every:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is None or not self._unsaved:
+            return
+        arrays = dict(key=np.array(self.key), shape=np.array(self.mask.shape), mask=np.packbits(self.mask),
+                      values=self.prob[self.mask], done=self.done)
+        atomic_write(self.path, lambda fh: np.savez(fh, **arrays))
+        self._unsaved = 0
+        self.saves += 1
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 # ============================================================================= patch mode
@@ -87,27 +175,35 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _loader(ds: Dataset, batch_size: int | None, workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+def _loader(ds: Dataset, workers: int, device: torch.device, batches: list[list[int]] | None = None) -> DataLoader:
+    """Items one by one, or the given ``batches`` of item indices, in order."""
+    batching = dict(batch_sampler=batches) if batches is not None else dict(batch_size=None, shuffle=False)
+    return DataLoader(ds, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers else None, **batching)
 
 
 @torch.no_grad()
 def patch_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecision, batch_size: int = 400,
-                   workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0) -> np.ndarray:
-    """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel."""
-    prob = np.zeros(tm.mask.shape, dtype=np.float64)
+                   workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0,
+                   partial: SlideProgress | None = None) -> np.ndarray:
+    """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel. Batch b is
+    always the tissue cells [b * batch_size, (b + 1) * batch_size) in row-major order, so a resumed
+    run (``partial``) computes every remaining batch exactly as an uninterrupted one."""
     cells = np.argwhere(tm.mask)
-    if not len(cells):
+    n_batches = math.ceil(len(cells) / batch_size)
+    prob, done = (partial or SlideProgress()).start(tm.mask, n_batches)
+    todo = [list(range(b * batch_size, min((b + 1) * batch_size, len(cells)))) for b in np.flatnonzero(~done)]
+    if not todo:
         return prob
-    loader = _loader(CellPatches(slide, cells, tm.ratio / scale, scale), batch_size, workers, device)
+    loader = _loader(CellPatches(slide, cells, tm.ratio / scale, scale), workers, device, batches=todo)
     for patches, idx in progress(loader, desc=desc or "patches"):
         with amp.autocast():
             logits = model(_to_device(patches, device, channels_last))
         p = torch.sigmoid(logits.float()).flatten().cpu().numpy()
         rc = cells[idx.numpy()]
         prob[rc[:, 0], rc[:, 1]] = p
+        if partial is not None:
+            partial.unit_done(int(idx[0]) // batch_size)
     return prob
 
 
@@ -169,16 +265,18 @@ class DenseTiles(Dataset):
 
 @torch.no_grad()
 def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecision, tile_cells: int = 32,
-                   workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0) -> np.ndarray:
-    """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel."""
-    prob = np.zeros(tm.mask.shape, dtype=np.float64)
+                   workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0,
+                   partial: SlideProgress | None = None) -> np.ndarray:
+    """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel. With
+    ``partial`` the tiles it holds as done are not computed again."""
     tiles = plan_tiles(tm.mask, tile_cells)
-    if not tiles:
+    prob, done = (partial or SlideProgress()).start(tm.mask, len(tiles))
+    if done.all():
         return prob
     ratio = tm.ratio / scale  # grid cell in network pixels (64)
     step = cell_step(ratio)
-    ds = DenseTiles(slide, tiles, ratio, step, scale)
-    for tile_img, i in progress(_loader(ds, None, workers, device), desc=desc or "tiles", total=len(ds)):
+    ds = Subset(DenseTiles(slide, tiles, ratio, step, scale), np.flatnonzero(~done).tolist())
+    for tile_img, i in progress(_loader(ds, workers, device), desc=desc or "tiles", total=len(ds)):
         t = tiles[int(i)]
         with amp.autocast():
             logits = model(_to_device(tile_img[None], device, channels_last))  # (1, 1, h, w) at stride 32
@@ -186,6 +284,8 @@ def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecisio
         block = tm.mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         target = prob[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         target[block] = p[:t.rows, :t.cols][block]
+        if partial is not None:
+            partial.unit_done(int(i))
     return prob
 
 
@@ -290,24 +390,165 @@ def slide_resolution(slide: Path, model_mpp: float, cfg: InferConfig) -> dict:
 
 
 def infer_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecision,
-                model_mpp: float = CAMELYON16_MPP) -> dict:
+                model_mpp: float = CAMELYON16_MPP, partial: SlideProgress | None = None) -> dict:
+    t0 = time.time()
     res = slide_resolution(slide, model_mpp, cfg)
     print(f"{slide.name}: {res['slide_mpp']:g} µm/px ({res['mpp_source']}), model {model_mpp:g} µm/px -> "
           f"level {res['level']}, resampling x{res['resampling']:.4g}", flush=True)
     scale = res["scale"]
-    tm = tissue_mask_at(slide, cfg.mask_downsample, scale)
-    kwargs = dict(workers=cfg.num_workers, channels_last=cfg.channels_last, desc=slide.name, scale=scale)
+    tm = cached_tissue_mask(slide, cfg, scale)
+    kwargs = dict(workers=cfg.num_workers, channels_last=cfg.channels_last, desc=slide.name, scale=scale,
+                  partial=partial)
     if cfg.mode == "patch":
         prob = patch_mode_map(model, str(slide), tm, device, amp, batch_size=cfg.batch_size, **kwargs)
     else:
         prob = dense_mode_map(model, str(slide), tm, device, amp, tile_cells=cfg.tile_cells, **kwargs)
     dets = write_outputs(Path(cfg.output_dir), slide.stem, prob, tm, cfg, scale)
     return {"slide": slide.name, "tissue_cells": int(tm.mask.sum()), "grid": list(tm.mask.shape),
-            "ratio": tm.ratio, **res, "detections": len(dets), "max_probability": float(prob.max(initial=0.0))}
+            "ratio": tm.ratio, **res, "detections": len(dets), "max_probability": float(prob.max(initial=0.0)),
+            "resumed_units": partial.resumed if partial else 0, "seconds": round(time.time() - t0, 2)}
+
+
+def output_paths(out: Path, stem: str, cfg: InferConfig) -> list[Path]:
+    """The files one slide leaves in ``out``."""
+    names = [f"{stem}.npy", f"{stem}.csv", f"{stem}_heatmap.png"]
+    names += [f"{stem}.geojson"] * ("geojson" in cfg.export) + [f"{stem}.xml"] * ("asap" in cfg.export)
+    return [out / n for n in names]
+
+
+def finished_work(cfg: InferConfig, model_mpp: float) -> FinishedWork:
+    """The records of this output folder under this checkpoint and these output-shaping settings."""
+    settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS + MODE_SETTINGS[cfg.mode]}
+    settings["model_mpp"] = model_mpp  # resolved: --model-mpp, else the checkpoint's
+    # "" when the model came from no file (a test's stand-in network)
+    sha = file_sha256(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
+    return FinishedWork(cfg.output_dir, {"checkpoint_sha256": sha, "settings": settings})
+
+
+def error_text(err: BaseException, slide: Path) -> str:
+    """One line naming the slide: a data-loader worker's error keeps only its last line."""
+    text = describe(err)
+    if "Original Traceback" in str(err):  # re-raised from a data-loader worker: the error is its last line
+        text = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+    return text if text.startswith(str(slide)) else f"{slide}: {text}"
+
+
+def append_summary_line(out: Path, summary: dict) -> None:
+    """One JSON line per slide in ``inference.jsonl``, appended in one write (whole lines even when
+    several processes append, or one is killed)."""
+    keys = ("slide", "status", "tissue_cells", "seconds", "detections", "resumed_units", "error", "warning")
+    line = json.dumps({k: summary[k] for k in keys if k in summary}) + "\n"
+    fd = os.open(out / SUMMARY, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def process_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecision, model_mpp: float,
+                  finished: FinishedWork) -> dict:
+    """One slide from start to end (see ``finish_slide``); a slide that cannot be read comes back as
+    a failed summary. Either way its line is appended to ``inference.jsonl``."""
+    t0 = time.time()
+    try:
+        summary = finish_slide(model, slide, cfg, device, amp, model_mpp, finished)
+    except SLIDE_ERRORS as err:
+        summary = {"slide": slide.name, "status": "failed", "error": error_text(err, slide),
+                   "seconds": round(time.time() - t0, 2)}
+        print(f"{slide.name}: failed: {summary['error']}", flush=True)
+    append_summary_line(Path(cfg.output_dir), summary)
+    return summary
+
+
+def finish_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecision, model_mpp: float,
+                 finished: FinishedWork) -> dict:
+    """Skip the slide when it was finished before under the same key; else infer it (continuing
+    from its partial map), write its outputs, record it and drop the partial map."""
+    out, t0 = Path(cfg.output_dir), time.time()
+    partial = SlideProgress(out / PARTIAL / f"{slide.stem}.npz", finished.work_key(slide), cfg.flush_every,
+                            resume=not cfg.overwrite)
+    done = None if cfg.overwrite else finished.lookup(slide.stem, slide, output_paths(out, slide.stem, cfg))
+    if done is not None:
+        print(f"{slide.name}: finished before with this checkpoint and settings, skipped", flush=True)
+        partial.remove()  # left over when a run was killed between the record and the removal
+        return {**done, "status": "skipped", "seconds": round(time.time() - t0, 2)}
+    finished.forget(slide.stem)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = {**infer_slide(model, slide, cfg, device, amp, model_mpp, partial), "status": "ok"}
+    _rewarn(caught, summary)
+    finished.record(slide.stem, slide, summary)
+    partial.remove()
+    return summary
+
+
+def _rewarn(caught: list, summary: dict) -> None:
+    """Issue the warnings caught during a slide again, and note them in its summary."""
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if caught:
+        summary["warning"] = "; ".join(str(w.message) for w in caught)
+
+
+def cached_tissue_mask(slide: Path, cfg: InferConfig, scale: float) -> TissueMask:
+    """The slide's tissue mask, computed once per output folder (keyed on the slide file and the grid);
+    an empty mask read back from the cache warns as a computed one does."""
+    stat, computed = slide.stat(), []
+    key = {"slide": str(slide.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+           "cell": cfg.mask_downsample, "scale": scale}
+
+    def compute() -> dict:
+        computed.append(True)
+        tm = tissue_mask_at(slide, cfg.mask_downsample, scale)
+        return {"mask": tm.mask, "ratio": tm.ratio, "thumbnail": tm.thumbnail, "level0_size": tm.level0_size}
+
+    a = cached_arrays(Path(cfg.output_dir) / MASKS / f"{slide.stem}.npz", compute, key)
+    if not computed and not a["mask"].any():
+        warnings.warn(f"{slide}: no tissue found; the probability map will be empty")
+    return TissueMask(a["mask"], float(a["ratio"]), a["thumbnail"], tuple(int(v) for v in a["level0_size"]))
+
+
+def tissue_cells_to_do(slide: Path, cfg: InferConfig, model_mpp: float, finished: FinishedWork) -> int:
+    """The slide's tissue cells (its mask cached on the way); 0 when finished before or unreadable
+    (its error and warnings are reported when the slide itself is processed)."""
+    out = Path(cfg.output_dir)
+    if not cfg.overwrite and finished.lookup(slide.stem, slide, output_paths(out, slide.stem, cfg)) is not None:
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return int(cached_tissue_mask(slide, cfg, slide_resolution(slide, model_mpp, cfg)["scale"]).mask.sum())
+    except SLIDE_ERRORS:
+        return 0
+
+
+def slide_sizes(slides: list[Path], cfg: InferConfig, model_mpp: float, finished: FinishedWork) -> list[int]:
+    """Tissue cells still to infer per slide; the masks are shared out like the slides (largest file first)."""
+    queue = WorkQueue([s.name for s in slides], [s.stat().st_size for s in slides], name="tissue-masks")
+    mine = {i: tissue_cells_to_do(slides[i], cfg, model_mpp, finished) for i in queue}
+    cells = {i: n for part in dist.all_gather_object(mine) for i, n in part.items()}
+    return [cells[i] for i in range(len(slides))]
+
+
+def infer_slides(slides: list[Path], sizes: list[int], out: Path, infer_one) -> list[dict]:
+    """This process's share of the slides: handed out largest first (tissue cells) to whichever process
+    is free (common/work_queue.py, through the process group's store); each process's share is
+    printed and written to ``work_shares.json``."""
+    queue = WorkQueue([s.name for s in slides], sizes, name="slides")
+    mine = [infer_one(slides[i]) for i in queue]
+    shares = queue.shares()
+    if dist.is_main_process():
+        atomic_write_text(out / "work_shares.json", json.dumps(shares, indent=1) + "\n")
+        if len(shares) > 1:
+            for share in shares:
+                print(f"process {share['rank']}: {share['items']} slide(s), {share['size']:.0f} tissue cells, "
+                      f"{share['seconds']:.1f}s busy")
+    return mine
 
 
 def run(cfg: InferConfig) -> list[dict]:
-    """Infer every slide (split across processes when distributed); returns per-slide summaries."""
+    """Infer every slide not finished before (split across processes); returns per-slide summaries
+    with ``status`` ok, skipped or failed. A run over one slide raises that slide's error."""
     ctx = dist.setup(cfg.device)
     if not cfg.slides or not cfg.checkpoint:
         raise SystemExit("infer.py needs --slides PATH_OR_DIR and --checkpoint FILE")
@@ -318,20 +559,52 @@ def run(cfg: InferConfig) -> list[dict]:
                 f"{len(slides)} slide(s), mode {cfg.mode}")
     amp = MixedPrecision(ctx.device, cfg.precision)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    mine = [infer_slide(model, s, cfg, ctx.device, amp, model_mpp) for s in slides[ctx.rank::ctx.world_size]]
-    summaries = [s for part in dist.all_gather_object(mine) for s in part]
+    finished = finished_work(cfg, model_mpp)
+    sizes = slide_sizes(slides, cfg, model_mpp, finished)
+    mine = infer_slides(slides, sizes, Path(cfg.output_dir),
+                        lambda s: process_slide(model, s, cfg, ctx.device, amp, model_mpp, finished))
+    summaries = sorted((s for part in dist.all_gather_object(mine) for s in part), key=lambda s: s["slide"])
+    failed = [s for s in summaries if s["status"] == "failed"]
+    if len(slides) == 1 and failed:
+        raise UserError(failed[0]["error"])
     if ctx.is_main:
-        for s in sorted(summaries, key=lambda s: s["slide"]):
-            print(f"{s['slide']}: {s['tissue_cells']} tissue cells, {s['detections']} lesion candidates, "
-                  f"max p {s['max_probability']:.3f}")
+        print_summaries(summaries)
     return summaries
 
 
+def print_summaries(summaries: list[dict]) -> None:
+    for s in summaries:
+        if s["status"] != "failed":
+            print(f"{s['slide']}: {s['tissue_cells']} tissue cells, {s['detections']} lesion candidates, "
+                  f"max p {s['max_probability']:.3f}" + (" (finished before)" if s["status"] == "skipped" else ""))
+    if any(s["status"] == "failed" for s in summaries):
+        print(failure_line(summaries), flush=True)
+
+
+def failure_line(summaries: list[dict]) -> str:
+    failed = [s for s in summaries if s["status"] == "failed"]
+    return f"{len(failed)} of {len(summaries)} slides failed: " + "; ".join(s["error"] for s in failed)
+
+
+class SlidesFailed(UserError):
+    """Some slides of a folder run failed (each reported in ``inference.jsonl``); ``status`` is
+    the command's exit status: the number that failed, at most 100."""
+
+    def __init__(self, summaries: list[dict]):
+        super().__init__(failure_line(summaries))
+        self.status = min(sum(s["status"] == "failed" for s in summaries), 100)
+
+
 def main(cfg: InferConfig) -> None:
-    run(cfg)
+    summaries = run(cfg)
     dist.cleanup()
+    if any(s["status"] == "failed" for s in summaries):
+        raise SlidesFailed(summaries)
 
 
 if __name__ == "__main__":
     with exit_on_user_error():
-        dist.launch(main, parse_config(InferConfig))
+        try:
+            dist.launch(main, parse_config(InferConfig))
+        except SlidesFailed as err:  # already reported; under --hosts it arrives as a one-line UserError
+            raise SystemExit(err.status) from None

@@ -34,12 +34,15 @@ import os
 import shutil
 import time
 import uuid
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from common.io import atomic_write_text
+import numpy as np
+
+from common.io import atomic_write, atomic_write_text
 
 MANIFEST = ".complete"  # the name the generators used before this module: their sets are recognised
 BUILDING, RETIRED = "building", "retired"
@@ -162,3 +165,26 @@ def _swap(staging: Path, root: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.rename(staging, root)
+
+
+# ----------------------------------------------------------------------------- one file of arrays
+CACHED_KEY = "__cache_key__"
+
+
+def cached_arrays(path: str | os.PathLike, compute: Callable[[], dict[str, Any]], key: dict) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` at ``path`` when it was written under ``key`` (JSON-able: the
+    input's identity and every parameter of ``compute``); otherwise ``compute()``'s arrays, first
+    written to ``path`` atomically together with the key. A missing, unreadable or differently keyed
+    file is recomputed, never reused. No lock: callers give each file to one process (concurrent
+    writers of the same key would write the same content anyway)."""
+    path = Path(path)
+    stamp = json.dumps(key, sort_keys=True)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if CACHED_KEY in data.files and str(data[CACHED_KEY]) == stamp:
+                return {name: data[name] for name in data.files if name != CACHED_KEY}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        pass
+    arrays = {name: np.asarray(value) for name, value in compute().items()}
+    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays, **{CACHED_KEY: np.array(stamp)}))
+    return arrays

@@ -15,7 +15,8 @@ A record matches when it was written under the same key (the checkpoint's hash a
 that shapes the outputs), for the same input file (size and modification time), and all its
 outputs still exist. Anything else (a changed checkpoint or setting, a replaced input, a deleted
 output, a record from a killed write) redoes the input. Records are written last and atomically,
-so a kill at any moment loses at most the input in progress.
+so a kill at any moment loses at most the input in progress. ``work_key(path)`` names the work on
+one input under the key, for partial results that let even the input in progress resume.
 """
 from __future__ import annotations
 
@@ -58,6 +59,16 @@ class FinishedWork:
         if not all(Path(p).is_file() for p in outputs):
             return None
         return record.get("summary")
+
+    def work_key(self, input_path: str | os.PathLike) -> str:
+        """A name for work on this very input under this key: partial results saved with it are
+        valid to continue from exactly when both the key and the input file are unchanged."""
+        text = json.dumps({"key_hash": self.key_hash, "input": _input_identity(input_path)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def forget(self, name: str) -> None:
+        """Remove ``name``'s record (its outputs are about to be rewritten)."""
+        self._path(name).unlink(missing_ok=True)
 
     def record(self, name: str, input_path: str | os.PathLike, summary: dict) -> Path:
         """Mark ``name`` finished (call after its outputs are written)."""

@@ -40,3 +40,21 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_NEVER))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` of ``/proc/self/status`` on Linux (the
+    high-water mark of the process's own address space), else ``ru_maxrss``. On Linux ``ru_maxrss``
+    also carries the peak of whatever ran in the process before ``exec``: a fresh interpreter
+    started by ``subprocess`` or a spawn start method would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if platform.system() == "Linux" else 1024  # KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / scale

@@ -8,13 +8,24 @@ Level 0 is a full-resolution IFD, each further level a reduced-resolution IFD (S
 the main chain, each with its own X/YResolution (pixels per centimetre) so OpenSlide reports
 ``openslide.mpp-x``/``-y``. :func:`downsample2` halves an image by 2x2 area mean or, for binary
 masks, by majority.
+
+Slides too large to hold in memory are streamed tile by tile instead::
+
+    shapes = halving_shapes(204_800, 98_304, below=1000)      # level (height, width)s
+    write_streamed_pyramid("big.tif", shapes, tiles_of_level)  # tiles_of_level(k) yields JPEG bytes
+
+:func:`encode_jpeg_tile` encodes a tile exactly as :func:`write_pyramidal_tiff` does (YCbCr 4:2:0 at
+the given quality, Huffman tables optimised, which changes no pixel), so one pre-encoded tile (a
+blank background tile) can be written any number of times.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 
@@ -137,3 +148,55 @@ def _write_levels(path: str, levels: list[np.ndarray], mpp: float, options: dict
             h, w = lv.shape[:2]
             res = (1e4 / (mpp * w0 / w), 1e4 / (mpp * h0 / h))  # pixels per cm
             tw.write(lv, subfiletype=0 if i == 0 else 1, resolution=res, **options)
+
+
+# ============================================================================= streamed writing
+def halving_shapes(height: int, width: int, below: int, min_levels: int = 1) -> list[tuple[int, int]]:
+    """(height, width) of level 0 and of each halved level (sides rounded up), down to the first
+    level whose sides are both below ``below``, and at least ``min_levels`` levels (while > 1 px)."""
+    shapes = [(int(height), int(width))]
+    while (max(shapes[-1]) >= below or len(shapes) < min_levels) and shapes[-1] != (1, 1):
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def encode_jpeg_tile(rgb: np.ndarray, quality: int = 85) -> bytes:
+    """One (tile, tile, 3) uint8 RGB tile as a JPEG stream the way :func:`write_pyramidal_tiff`
+    stores RGB tiles (YCbCr, 4:2:0 subsampling, ``quality``), with optimised Huffman tables."""
+    return imagecodecs.jpeg8_encode(np.ascontiguousarray(rgb), level=int(quality), colorspace="RGB",
+                                    outcolorspace="YCBCR", subsampling=(2, 2), optimize=True)
+
+
+def write_streamed_pyramid(path: str | os.PathLike, shapes: list[tuple[int, int]],
+                           tiles_of_level: Callable[[int], Iterable[bytes]], tile: int = 256,
+                           mpp: float = DEFAULT_MPP) -> int:
+    """Write a JPEG-tiled RGB pyramid whose tiles come from ``tiles_of_level(k)``: the JPEG streams
+    (:func:`encode_jpeg_tile`) of level ``k``'s ceil(h / tile) x ceil(w / tile) tiles, row by row,
+    left to right; tiles on the right and bottom edges are full-size (the part outside the level is
+    never shown). Only the tile being written is in memory. Same layout, resolution tags and
+    atomic replace as :func:`write_pyramidal_tiff`; returns the file size in bytes."""
+    if tile % 16:
+        raise ValueError(f"tile must be a multiple of 16, got {tile}")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        _write_streamed_levels(tmp, shapes, tiles_of_level, tile, mpp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path.stat().st_size
+
+
+def _write_streamed_levels(path: str, shapes: list[tuple[int, int]], tiles_of_level, tile: int, mpp: float) -> None:
+    h0, w0 = shapes[0]
+    bigtiff = sum(3 * h * w for h, w in shapes) > 2**32 - 2**27  # as write_pyramidal_tiff, on raw size
+    options = _tile_options(True, "jpeg", 85, tile, None)  # the tags; the tiles come encoded
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+        for k, (h, w) in enumerate(shapes):
+            res = (1e4 / (mpp * w0 / w), 1e4 / (mpp * h0 / h))  # pixels per cm
+            tw.write(iter(tiles_of_level(k)), shape=(h, w, 3), dtype=np.uint8, subfiletype=0 if k == 0 else 1,
+                     resolution=res, **options)

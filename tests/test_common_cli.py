@@ -226,6 +226,8 @@ BAD_ARGUMENTS = {
                           (["--export", "xml"], "--export must be geojson or asap, got 'xml'"),
                           (["--slides", MISSING, "--checkpoint", f"{MISSING}.pt"], f"{MISSING}: no slide or folder"),
                           (["--slides", "random.tif", "--checkpoint", "random.pt"], NOT_A_CHECKPOINT)],
+    "camelyon/large_slide.py": [(["--root"], "--root: expected one argument"),
+                                (["--sizes", "1", "2"], "--sizes 1 2: unknown argument")],
     "camelyon/prepare.py": [(["tissue-mask"], "tissue-mask: unknown command; expected tissue-masks or patch-list"),
                             (["tissue-masks", "--slides", "random.tif"], NOT_A_SLIDE),
                             (["patch-list", "--coords", MISSING], "--coords, --image-dir: patch-list needs")],
