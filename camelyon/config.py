@@ -107,6 +107,7 @@ class InferConfig(BaseConfig):
     # restartable folder runs: finished slides are skipped, the slide in progress resumes from its last save
     overwrite: bool = False  # redo slides finished before with the same checkpoint and settings
     flush_every: int = 64  # save the slide in progress every N forward passes (dense: tiles, patch: batches); 0: never
+    keep_freed_memory: bool = False  # CPU: malloc keeps freed memory for reuse (common/memory.py): 1.46x faster, peak RSS +0.65 GB
 
     def validate(self) -> None:
         if self.slide_mpp < 0 or self.model_mpp < 0 or not 0 <= self.mpp_tolerance < 1:

@@ -19,7 +19,9 @@ without a resolution is assumed to be at model_mpp (with a warning) unless ``--s
 - ``--mode patch`` reproduces the bundle: one 224 patch read and classified per tissue cell.
 - ``--mode dense`` runs the fully convolutional network over large tiles whose origin is the
   top-left of a cell's patch; outputs come at stride 32, so every (ratio / 32)-th output lands
-  exactly on a cell centre. Each pixel is read once per tile (tiles overlap by a 160-px halo).
+  exactly on a cell centre. Each tile is read with 224 px of slide around its own windows
+  (``HALO``), so every output sees its whole receptive field and the map does not depend on
+  ``--tile-cells``.
   Values differ slightly from patch mode because a dense window sees real neighbours instead of
   zero padding (camelyon.md §11); ``bench.py`` and the tests measure how much.
 
@@ -66,6 +68,7 @@ from common.finished import FinishedWork
 from common.io import atomic_write, atomic_write_text, file_sha256
 from common.config import parse_config
 from common.logging import progress
+from common.memory import keep_freed_memory
 from common.metrics.froc import map_to_level0, nms
 from common.work_queue import WorkQueue
 from common.wsi import (SlideHandles, best_level, list_slides, open_slide, read_rgb_scaled, recorded_mpp,
@@ -241,14 +244,26 @@ def cell_step(ratio: float) -> int:
     return step
 
 
-class DenseTiles(Dataset):
-    """Tile t covers cells [r0, r0 + rows) x [c0, c0 + cols): its origin is the patch top-left of
-    cell (r0, c0) and its side 224 + 32 * step * (n - 1), so output (i * step, j * step) is the
-    224 window centred on cell (r0 + i, c0 + j). All in network pixels (``ratio`` too), each
-    ``scale`` level-0 pixels."""
+#: Context read on every side of a dense tile, in network outputs (strides of 32 px). One output
+#: (AvgPool2d(7) over the ResNet18 body, receptive field 435 px at stride 32) sees [-217, 409] around
+#: its 224 window's top-left, i.e. 217 px before and 186 px after the window: rounded up to whole
+#: strides (so the stride grid stays on the cell centres) and kept equal on both sides (tile sides stay
+#: 224 + a multiple of 64) that is 7 strides = 224 px. With it no kept output sees the tile's zero
+#: padding, and the map is the same for every --tile-cells (tests/test_camelyon_tiling.py).
+HALO = 7
 
-    def __init__(self, slide: str, tiles: list[Tile], ratio: float, step: int, scale: float = 1.0):
+
+class DenseTiles(Dataset):
+    """Tile t covers cells [r0, r0 + rows) x [c0, c0 + cols): its own part has origin the patch
+    top-left of cell (r0, c0) and side 224 + 32 * step * (n - 1), so own output (i * step, j * step)
+    is the 224 window centred on cell (r0 + i, c0 + j). With ``halo`` the read adds HALO strides of
+    slide on every side, and own output (0, 0) is output (HALO, HALO).
+    All in network pixels (``ratio`` too), each ``scale`` level-0 pixels."""
+
+    def __init__(self, slide: str, tiles: list[Tile], ratio: float, step: int, scale: float = 1.0,
+                 halo: bool = True):
         self.slide, self.tiles, self.ratio, self.step, self.scale = slide, tiles, ratio, step, scale
+        self.margin = HALO * STRIDE if halo else 0
         self.handles = SlideHandles()
 
     def __len__(self) -> int:
@@ -257,30 +272,33 @@ class DenseTiles(Dataset):
     def __getitem__(self, i: int):
         t = self.tiles[i]
         top, left = cell_top_left(np.array([t.r0]), np.array([t.c0]), self.ratio)
-        h = PATCH + STRIDE * self.step * (t.rows - 1)
-        w = PATCH + STRIDE * self.step * (t.cols - 1)
-        rgb = read_rgb_scaled(self.handles(self.slide), int(left[0]), int(top[0]), w, h, self.scale)
+        h = PATCH + STRIDE * self.step * (t.rows - 1) + 2 * self.margin
+        w = PATCH + STRIDE * self.step * (t.cols - 1) + 2 * self.margin
+        rgb = read_rgb_scaled(self.handles(self.slide), int(left[0]) - self.margin, int(top[0]) - self.margin,
+                              w, h, self.scale)
         return torch.from_numpy(rgb).permute(2, 0, 1), i
 
 
 @torch.no_grad()
 def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecision, tile_cells: int = 32,
                    workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0,
-                   partial: SlideProgress | None = None) -> np.ndarray:
+                   partial: SlideProgress | None = None, halo: bool = True) -> np.ndarray:
     """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel. With
-    ``partial`` the tiles it holds as done are not computed again."""
+    ``partial`` the tiles it holds as done are not computed again. ``halo=False`` reads only each
+    tile's own windows (zero padding around it: a 1-cell tile is then exactly patch mode)."""
     tiles = plan_tiles(tm.mask, tile_cells)
     prob, done = (partial or SlideProgress()).start(tm.mask, len(tiles))
     if done.all():
         return prob
     ratio = tm.ratio / scale  # grid cell in network pixels (64)
     step = cell_step(ratio)
-    ds = Subset(DenseTiles(slide, tiles, ratio, step, scale), np.flatnonzero(~done).tolist())
+    ds = Subset(DenseTiles(slide, tiles, ratio, step, scale, halo), np.flatnonzero(~done).tolist())
+    first = HALO if halo else 0  # output of the tile's first cell
     for tile_img, i in progress(_loader(ds, workers, device), desc=desc or "tiles", total=len(ds)):
         t = tiles[int(i)]
         with amp.autocast():
             logits = model(_to_device(tile_img[None], device, channels_last))  # (1, 1, h, w) at stride 32
-        p = torch.sigmoid(logits.float())[0, 0, ::step, ::step].cpu().numpy()  # (rows, cols)
+        p = torch.sigmoid(logits.float())[0, 0, first::step, first::step].cpu().numpy()  # (rows, cols)
         block = tm.mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         target = prob[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         target[block] = p[:t.rows, :t.cols][block]
@@ -550,6 +568,8 @@ def run(cfg: InferConfig) -> list[dict]:
     """Infer every slide not finished before (split across processes); returns per-slide summaries
     with ``status`` ok, skipped or failed. A run over one slide raises that slide's error."""
     ctx = dist.setup(cfg.device)
+    if cfg.keep_freed_memory and ctx.device.type == "cpu":
+        keep_freed_memory()  # reuse activation memory across tiles and slides (common/memory.py)
     if not cfg.slides or not cfg.checkpoint:
         raise SystemExit("infer.py needs --slides PATH_OR_DIR and --checkpoint FILE")
     slides = list_slides(cfg.slides)
