@@ -30,7 +30,7 @@ import pickle
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,8 @@ class BenchConfig(BaseConfig):
     large_mode: str = "dense"  # --large: infer.py's --mode on both slides (dense or patch)
     large_goal: float = 1.2  # --large: the goal for large / small time and peak RSS
     large_goal_rss_mb: float = 2048  # --large: the goal for the large slide's peak RSS
+    shapes: bool = False  # whole slides of several tissue shapes: dense, patch, naive, MONAI, pure forward
+    shape_kinds: list[str] = field(default_factory=list)  # --shapes: only these (default: all)
 
     def validate(self) -> None:
         if self.large_mode not in ("dense", "patch"):
@@ -348,9 +350,163 @@ def large_vs_small(cfg: BenchConfig, slides=None) -> dict:
     return summary
 
 
+# ============================================================================= --shapes
+SHAPE_KINDS = ("dense", "dense_keep", "forward", "patch", "naive", "monai")
+
+
+def _monai_map(slide: str, model, batch_size: int, workers: int) -> int:
+    """MONAI's bundle pipeline: MaskedPatchWSIDataset (its own Otsu mask at level 6, one 224 level-0
+    patch per mask pixel, OpenSlide reader) -> the bundle's transforms -> batches -> the network ->
+    the map. Returns the number of patches."""
+    from monai.data import DataLoader as MonaiLoader, MaskedPatchWSIDataset
+    from monai.transforms import CastToTyped, Compose, ScaleIntensityRanged, ToTensord
+
+    transform = Compose([CastToTyped(keys="image", dtype=np.float32),
+                         ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=-1.0, b_max=1.0),
+                         ToTensord(keys="image")])
+    ds = MaskedPatchWSIDataset([{"image": slide}], patch_size=224, patch_level=0, mask_level=6,
+                               transform=transform, reader="OpenSlide")
+    with open_slide(slide) as handle:
+        w, h = handle.level_dimensions[6]
+    prob = np.zeros((h, w))
+    with torch.no_grad():
+        for batch in MonaiLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False):
+            p = torch.sigmoid(model(batch["image"].as_tensor())).flatten().numpy()
+            rows, cols = np.asarray(batch["image"].meta["mask_location"]).reshape(2, -1)
+            prob[rows, cols] = p
+    return len(ds)
+
+
+def _shape_measure(kind: str, slide: str, checkpoint: str, out_dir: str, cfg: BenchConfig, queue) -> None:
+    """In a fresh process: one way of computing the slide's map, timed inside (the parent times the
+    whole process, interpreter start to outputs written)."""
+    os.environ["PATHMONO_NO_PROGRESS"] = "1"
+    from camelyon.config import InferConfig
+    from camelyon.infer import load_model, run, use_channels_last
+    from camelyon.prepare import compute_tissue_mask
+    from camelyon.tiling import plan_summary, plan_tiles, tile_side
+
+    infer_cfg = InferConfig(slides=slide, checkpoint=checkpoint, output_dir=out_dir, num_workers=cfg.num_workers,
+                            device=cfg.device, precision=cfg.precision,
+                            mode="patch" if kind == "patch" else "dense", keep_freed_memory=kind == "dense_keep")
+    t0 = time.perf_counter()
+    result: dict = {"kind": kind}
+    if kind in ("dense", "dense_keep", "patch"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = run(infer_cfg)[0]
+        result.update(cells=summary["tissue_cells"], seconds=time.perf_counter() - t0)
+    elif kind == "forward":  # the network alone on random tiles shaped like the dense plan's
+        from camelyon.model import lean_dense_model
+
+        tm = compute_tissue_mask(slide)
+        tiles = plan_tiles(tm.mask, infer_cfg.tile_cells)
+        result.update(plan_summary(tm.mask, tiles))
+        device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
+        model, _ = load_model(checkpoint, device, use_channels_last(infer_cfg, device))
+        net = lean_dense_model(model)
+        fmt = torch.channels_last if use_channels_last(infer_cfg, device) else torch.contiguous_format
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for t in sorted(tiles, key=lambda t: -t.rows * t.cols):
+                x = torch.rand(1, 3, int(tile_side(t.rows, 2)), int(tile_side(t.cols, 2)), device=device)
+                net(x.contiguous(memory_format=fmt))
+        result.update(cells=int(tm.mask.sum()), seconds=time.perf_counter() - t0)
+    elif kind == "naive":  # one read_region + one forward per patch, on the first naive_cells cells
+        from camelyon.infer import cell_top_left
+        from common.augment import scale_intensity
+        from common.wsi import read_rgb
+
+        tm = compute_tissue_mask(slide)
+        model, _ = load_model(checkpoint, torch.device("cpu"))
+        cells = np.argwhere(tm.mask)
+        sample = cells[:cfg.naive_cells]
+        tops, lefts = cell_top_left(sample[:, 0], sample[:, 1], tm.ratio)
+        handle = open_slide(slide)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            for top, left in zip(tops, lefts):
+                x = scale_intensity(torch.from_numpy(read_rgb(handle, left, top, 224, 224)).permute(2, 0, 1)[None].float())
+                torch.sigmoid(model(x)).item()
+        per_cell = (time.perf_counter() - t1) / len(sample)
+        result.update(cells=len(cells), sampled=len(sample), per_cell_s=per_cell,
+                      seconds=(t1 - t0) + per_cell * len(cells))
+    elif kind == "monai":
+        model, _ = load_model(checkpoint, torch.device("cpu"))
+        result.update(cells=_monai_map(slide, model, infer_cfg.batch_size, cfg.num_workers),
+                      seconds=time.perf_counter() - t0)
+    result["peak_rss_mb"] = peak_rss_mb()
+    queue.put(result)
+
+
+def _shape_measure_or_report(*args) -> None:
+    try:
+        _shape_measure(*args)
+    except Exception as err:
+        args[-1].put(RuntimeError(f"{type(err).__name__}: {err}"))
+
+
+def _shape_in_fresh_process(kind: str, slide: Path, checkpoint: Path, out_dir: Path, cfg: BenchConfig) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    t0 = time.perf_counter()
+    proc = ctx.Process(target=_shape_measure_or_report, args=(kind, str(slide), str(checkpoint), str(out_dir), cfg, queue))
+    proc.start()
+    result = _result_or_death(proc, queue)
+    proc.join()
+    if isinstance(result, BaseException):
+        raise result
+    process_s = time.perf_counter() - t0
+    if kind == "naive":  # extrapolated: the sampled loop stands for all cells
+        process_s += result["per_cell_s"] * (result["cells"] - result["sampled"])
+    return {**result, "process_s": process_s, "cells_per_s": result["cells"] / process_s}
+
+
+def monai_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("monai") is not None  # a benchmark-only comparison, not a dependency
+
+
+def tissue_shapes(cfg: BenchConfig) -> dict:
+    """``--shapes``: whole slides of several tissue shapes (``camelyon.large_slide.shape_specs``),
+    every way of computing the map in a fresh process, whole-process tissue cells/s."""
+    from camelyon.large_slide import make_shape_slides
+
+    slides = make_shape_slides()
+    kinds = [k for k in SHAPE_KINDS if k != "monai" or monai_available()]
+    if "monai" not in kinds:
+        print("MONAI is not importable: its per-patch pipeline is left out (pip install monai to compare)")
+    print(f"8,192^2 px slides, random bundle-layout weights, {cfg.num_workers} reader workers, device {cfg.device}; "
+          f"whole process (interpreter start to outputs written) per run; naive extrapolated from "
+          f"{cfg.naive_cells} cells; load average {os.getloadavg()[0]:.1f}")
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="camelyon_bench_shapes_") as tmp:
+        checkpoint = _random_bundle_checkpoint(Path(tmp) / "model.pt")
+        for name, slide in slides.items():
+            results[name] = {k: _shape_in_fresh_process(k, slide, checkpoint, Path(tmp) / f"{name}_{k}", cfg)
+                             for k in (cfg.shape_kinds or kinds)}
+            r = results[name]
+            plan = r.get("forward", {})
+            print(f"{name}: {r[next(iter(r))]['cells']} tissue cells"
+                  + (f", dense plan {plan['tiles']} tiles, tissue {plan['tissue_fraction_of_tile_cells']:.0%} of "
+                     f"tile cells, {plan['pixels_per_tissue_pixel']:.2f} px read per tissue px" if plan else ""))
+            for k, m in r.items():
+                print(f"  {k:>10}: {m['cells_per_s']:7.1f} tissue cells/s  ({m['process_s']:6.1f} s whole process, "
+                      f"peak RSS {m['peak_rss_mb']:.0f} MB)")
+            for base in ("monai", "naive", "patch", "forward"):
+                if base in r and "dense" in r:
+                    line = ", ".join(f"{k} {r[base]['process_s'] / r[k]['process_s']:.2f}x"
+                                     for k in ("dense", "dense_keep") if k in r)
+                    print(f"  speed-up over {base}: {line}")
+    print(json.dumps(results))
+    return results
+
+
 def main(cfg: BenchConfig) -> dict:
     if cfg.large:
         return large_vs_small(cfg)
+    if cfg.shapes:
+        return tissue_shapes(cfg)
     if not cfg.slide:
         from camelyon.config import demo_root
         from camelyon.demo import make_demo

@@ -105,6 +105,7 @@ class SlideSpec:
     below: int = 1000  # levels are halved until both sides are below this...
     min_levels: int = 7  # ...and down to level 6 at least (64x, where tissue masks are computed)
     texture: float = 1.0
+    holes: tuple[Island, ...] = ()  # glass cut out of the islands
 
     def shapes(self) -> list[tuple[int, int]]:
         return halving_shapes(self.height, self.width, self.below, self.min_levels)
@@ -115,8 +116,10 @@ class SlideSpec:
     @staticmethod
     def from_json(text: str) -> "SlideSpec":
         d = json.loads(text)
-        islands = tuple(Island(**{**i, "harmonics": tuple(tuple(h) for h in i["harmonics"])}) for i in d.pop("islands"))
-        return SlideSpec(islands=islands, **d)
+        def islands(key: str) -> tuple[Island, ...]:
+            return tuple(Island(**{**i, "harmonics": tuple(tuple(h) for h in i["harmonics"])}) for i in d.pop(key, ()))
+
+        return SlideSpec(islands=islands("islands"), holes=islands("holes"), **d)
 
 
 # ============================================================================= the benchmark's tissue
@@ -131,6 +134,35 @@ LARGE_SIZE = (204_800, 98_304)  # (height, width) level 0: 800 x 384 tiles of 25
 SMALL_SIZE = (8192, 8192)
 LARGE_CENTRES = ((30_000, 22_000), (104_000, 70_000), (172_000, 38_000))  # (y, x)
 SMALL_CENTRES = ((2000, 2300), (2600, 5900), (6000, 3600))
+
+
+#: 8,192^2 px slides of different tissue shapes for ``camelyon/bench.py --shapes`` (tiles that
+#: hug the tissue are measured on these, not on a block that is all tissue).
+def shape_specs() -> dict[str, SlideSpec]:
+    strips = tuple(Island(cy, cx, 3000, 170, angle, ((3, 0.04, 1.0),))
+                   for cy, cx, angle in ((2200, 4100, 0.25), (4300, 3000, 1.05), (5400, 5600, 2.2), (6900, 3900, 2.9)))
+    return {
+        "islands": small_spec(),
+        "ellipse": SlideSpec(*SMALL_SIZE, (Island(4096, 4096, 3300, 2300, 0.35, ((3, 0.06, 0.4), (7, 0.02, 2.0))),)),
+        "strips": SlideSpec(*SMALL_SIZE, strips),
+        "ring": SlideSpec(*SMALL_SIZE, (Island(4096, 4096, 3300, 2800, 0.2, ((4, 0.04, 1.1),)),),
+                          holes=(Island(4150, 4000, 2100, 1600, -0.3, ((3, 0.05, 2.5),)),)),
+    }
+
+
+def make_shape_slides(root: str | os.PathLike | None = None, force: bool = False) -> dict[str, Path]:
+    """The :func:`shape_specs` slides as ``<name>.tif`` under ``root`` (default: the cache), written once."""
+    from common.cache import build_once
+
+    root = Path(root) if root is not None else default_cache_dir("camelyon_shapes")
+    specs = shape_specs()
+
+    def build(folder: Path) -> dict:
+        return {name: write_slide(spec, folder / f"{name}.tif") for name, spec in specs.items()}
+
+    build_once(root, build, {k: asdict(v) for k, v in specs.items()}, generator="camelyon.large_slide.shapes",
+               version=VERSION, force=force)
+    return {name: root / f"{name}.tif" for name in specs}
 
 
 def large_spec() -> SlideSpec:
@@ -181,6 +213,9 @@ def tissue_opacity(spec: SlideSpec, y: np.ndarray, x: np.ndarray, pixel: float) 
         if not island.near(y, x, pixel):
             continue
         np.maximum(alpha, np.clip(0.5 + island.signed_distance(y, x) / pixel, 0.0, 1.0), out=alpha)
+    for hole in spec.holes:
+        if hole.near(y, x, pixel):
+            alpha *= np.clip(0.5 - hole.signed_distance(y, x) / pixel, 0.0, 1.0)
     return alpha
 
 

@@ -45,6 +45,61 @@ def build_model(channels_last: bool = False) -> TumorDetectionNet:
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+# ----------------------------------------------------------------------------- large inputs
+class RowStrips(nn.Module):
+    """``body`` (total stride ``stride``, each output reaching at most ``margin`` input rows above and
+    below its own) run on horizontal strips of its input, so its stride-2 activations -- the
+    largest tensors of the network: conv1's output is 64 x H/2 x W/2, 5.3 times the input -- exist
+    one strip at a time. Each strip of ``rows`` output rows is read with ``margin`` extra input rows
+    on both sides (zero padding only where the image itself ends) and cropped back, so the output
+    equals the whole-input call up to float rounding. Inputs of at most one strip go straight
+    through. Needs an input height divisible by ``stride`` (dense tiles: 224 + 32k)."""
+
+    def __init__(self, body: nn.Module, stride: int, margin: int, rows: int):
+        super().__init__()
+        if margin % stride:
+            raise ValueError(f"margin {margin} must be a multiple of the stride {stride}")
+        self.body, self.stride, self.margin, self.rows = body, stride, margin, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height = x.shape[-2]
+        if height <= self.rows * self.stride:
+            return self.body(x)
+        if height % self.stride:
+            raise ValueError(f"input height {height} is not a multiple of the stride {self.stride}")
+        out_rows, s, m = height // self.stride, self.stride, self.margin
+        out = None
+        for a in range(0, out_rows, self.rows):
+            b = min(a + self.rows, out_rows)
+            lo, hi = max(s * a - m, 0), min(s * b + m, height)  # input rows of this strip
+            y = self.body(x[..., lo:hi, :])[..., a - lo // s:b - lo // s, :]  # (B, C, b - a, W')
+            if out is None:
+                out = torch.empty((*y.shape[:-2], out_rows, y.shape[-1]), dtype=y.dtype, device=y.device,
+                                  memory_format=_memory_format(y))
+            out[..., a:b, :] = y
+        return out
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+def lean_dense_model(model: TumorDetectionNet, strip_rows: int = 64) -> TumorDetectionNet:
+    """The same network (shared weights) with its stem (conv1, bn1, relu, max-pool) run in row strips
+    (:class:`RowStrips`): a forward pass on a large tile no longer holds conv1's and bn1's stride-2
+    outputs whole (2 x 64 x H/2 x W/2 floats: 0.9 GB for a 2,656-px tile), and the output is
+    unchanged within float rounding. The stem has stride 4 and reaches 5 input px beyond each
+    output's 4-px footprint (conv1 3, max-pool 1 stride-2 row); the margin is 8 px, so the strips
+    recompute 2 x 2 of every 64 rows of the stem's output (3 %)."""
+    lean = TumorDetectionNet.__new__(TumorDetectionNet)
+    nn.Module.__init__(lean)
+    f = model.features
+    lean.features = nn.Sequential(RowStrips(nn.Sequential(*f[:4]), stride=4, margin=8, rows=strip_rows), *f[4:])
+    lean.pool, lean.fc = model.pool, model.fc
+    return lean.train(model.training)
+
+
 # ----------------------------------------------------------------------------- weight loading
 _RESNET_TO_BUNDLE = [(r"^conv1\.", "features.0."), (r"^bn1\.", "features.1."),
                      (r"^layer1\.", "features.4."), (r"^layer2\.", "features.5."),

@@ -109,10 +109,11 @@ def by_slide(lines: list[dict]) -> dict[str, dict]:
 
 # ============================================================================= kill and resume
 def test_killed_run_resumes_mid_slide_with_identical_outputs(slide_dir, tmp_path):
-    """12 dense tiles of 2x2 cells over the 6x7 tissue cells, saved every 3 tiles. The run is
+    """14 dense tiles of at most a 2x2-cell tile's pixels over the 6x7 tissue cells (the plan of
+    camelyon/tiling.py: 2x2, 2x1 and 1x2 tiles), saved every 3 tiles. The run is
     SIGKILLed right after b.tif's 2nd save (6 tiles done); the restart skips a.tif, takes b.tif's
     6 tiles from the partial file and computes the other 6 only."""
-    mode, units = "dense", 12
+    mode, units = "dense", 14
     ckpt = save_random_weights(tmp_path / "model.pt", 0)
     reference, out = tmp_path / "reference", tmp_path / "out"
     assert run_child(infer_cmd(slide_dir, ckpt, reference, mode)).returncode == 0
