@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from common.config import BaseConfig, ConfigError, default_cache_dir
+from common.tta import parse_tta
 
 
 def demo_root() -> str:
@@ -107,6 +108,7 @@ class InferConfig(BaseConfig):
     # restartable folder runs: finished slides are skipped, the slide in progress resumes from its last save
     overwrite: bool = False  # redo slides finished before with the same checkpoint and settings
     flush_every: int = 64  # save the slide in progress every N forward passes (dense: tiles, patch: batches); 0: never
+    tta: str = "none"  # test-time augmentation, averaged: none | flips (all 8 dihedral) | hflip | flips4 | names: id,rot90,flip,...
     keep_freed_memory: bool = False  # CPU: malloc keeps freed memory for reuse (common/memory.py): 1.46x faster, peak RSS +0.65 GB
 
     def validate(self) -> None:
@@ -114,6 +116,7 @@ class InferConfig(BaseConfig):
             raise ValueError("--slide-mpp and --model-mpp must be >= 0 (0: automatic), --mpp-tolerance in [0, 1)")
         if self.flush_every < 0:
             raise ValueError(f"--flush-every must be >= 0 (0: never save the slide in progress), got {self.flush_every}")
+        parse_tta(self.tta)  # an unknown name stops here, before any slide is read
 
 
 @dataclass

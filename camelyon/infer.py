@@ -70,6 +70,7 @@ from common.config import parse_config
 from common.logging import progress
 from common.memory import keep_freed_memory
 from common.metrics.froc import map_to_level0, nms
+from common.tta import dihedral, parse_tta, undo_dihedral
 from common.work_queue import WorkQueue
 from common.wsi import (SlideHandles, best_level, list_slides, open_slide, read_rgb_scaled, recorded_mpp,
                         resolve_scale, slide_mpp)
@@ -78,7 +79,7 @@ HALF = PATCH // 2
 #: InferConfig fields that shape the written outputs (with the mode's own: tile_cells or batch_size):
 #: a finished slide is redone when one of them, the checkpoint or the resolved model µm/px changes
 OUTPUT_SETTINGS = ("mode", "mask_downsample", "slide_mpp", "mpp_tolerance", "precision", "nms_threshold", "nms_box",
-                   "nms_sigma", "export", "contours")
+                   "nms_sigma", "export", "contours", "tta")
 MODE_SETTINGS = {"dense": ("tile_cells",), "patch": ("batch_size",)}
 #: what makes one slide fail without stopping a folder run: the user errors (a missing or corrupt
 #: file, no tissue, ...) and the errors OpenSlide raises when a tile of a truncated file is read
@@ -185,13 +186,29 @@ def _loader(ds: Dataset, workers: int, device: torch.device, batches: list[list[
                       prefetch_factor=4 if workers else None, **batching)
 
 
+def averaged_probability(net, x: torch.Tensor, amp: MixedPrecision, tta: list[str] = ("id",)) -> torch.Tensor:
+    """sigmoid(net(x)) averaged over the test-time transforms ``tta`` (:mod:`common.tta`), each undone
+    on the output grid; (B, 1, h, w) float32. With ``("id",)`` exactly sigmoid(net(x))."""
+    total = None
+    for name in tta:
+        xt = dihedral(x, name)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        with amp.autocast():
+            logits = net(xt)
+        p = undo_dihedral(torch.sigmoid(logits.float()), name)
+        total = p if total is None else total + p
+    return total / len(tta) if len(tta) > 1 else total
+
+
 @torch.no_grad()
 def patch_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecision, batch_size: int = 400,
                    workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0,
-                   partial: SlideProgress | None = None) -> np.ndarray:
+                   partial: SlideProgress | None = None, tta: list[str] = ("id",)) -> np.ndarray:
     """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel. Batch b is
     always the tissue cells [b * batch_size, (b + 1) * batch_size) in row-major order, so a resumed
-    run (``partial``) computes every remaining batch exactly as an uninterrupted one."""
+    run (``partial``) computes every remaining batch exactly as an uninterrupted one. ``tta``: each
+    patch's probability averaged over these transforms of it."""
     cells = np.argwhere(tm.mask)
     n_batches = math.ceil(len(cells) / batch_size)
     prob, done = (partial or SlideProgress()).start(tm.mask, n_batches)
@@ -200,9 +217,7 @@ def patch_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecisio
         return prob
     loader = _loader(CellPatches(slide, cells, tm.ratio / scale, scale), workers, device, batches=todo)
     for patches, idx in progress(loader, desc=desc or "patches"):
-        with amp.autocast():
-            logits = model(_to_device(patches, device, channels_last))
-        p = torch.sigmoid(logits.float()).flatten().cpu().numpy()
+        p = averaged_probability(model, _to_device(patches, device, channels_last), amp, tta).flatten().cpu().numpy()
         rc = cells[idx.numpy()]
         prob[rc[:, 0], rc[:, 1]] = p
         if partial is not None:
@@ -249,10 +264,13 @@ class DenseTiles(Dataset):
 @torch.no_grad()
 def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecision, tile_cells: int = 32,
                    workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0,
-                   partial: SlideProgress | None = None, halo: bool = True) -> np.ndarray:
+                   partial: SlideProgress | None = None, halo: bool = True, tta: list[str] = ("id",)) -> np.ndarray:
     """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel. With
     ``partial`` the tiles it holds as done are not computed again. ``halo=False`` reads only each
-    tile's own windows (zero padding around it: a 1-cell tile is then exactly patch mode)."""
+    tile's own windows (zero padding around it: a 1-cell tile is then exactly patch mode). ``tta``:
+    each tile transformed, its output grid transformed back (tile sides are 224 + 32k, so every
+    transformed window is on the grid again): each cell gets the average over the transforms of its
+    window with its context, as patch mode averages over transformed patches."""
     ratio = tm.ratio / scale  # grid cell in network pixels (64)
     step = cell_step(ratio)
     tiles = plan_tiles(tm.mask, tile_cells, step)
@@ -266,9 +284,8 @@ def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecisio
     net = lean_dense_model(model) if isinstance(model, TumorDetectionNet) else model  # stem in row strips
     for tile_img, i in progress(_loader(ds, workers, device), desc=desc or "tiles", total=len(ds)):
         t = tiles[int(i)]
-        with amp.autocast():
-            logits = net(_to_device(tile_img[None], device, channels_last))  # (1, 1, h, w) at stride 32
-        p = torch.sigmoid(logits.float())[0, 0, first::step, first::step].cpu().numpy()  # (rows, cols)
+        prob_grid = averaged_probability(net, _to_device(tile_img[None], device, channels_last), amp, tta)
+        p = prob_grid[0, 0, first::step, first::step].cpu().numpy()  # (1, 1, h, w) at stride 32 -> (rows, cols)
         block = tm.mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         target = prob[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         target[block] = p[:t.rows, :t.cols][block]
@@ -392,7 +409,7 @@ def infer_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecisio
     scale = res["scale"]
     tm = cached_tissue_mask(slide, cfg, scale)
     kwargs = dict(workers=cfg.num_workers, channels_last=use_channels_last(cfg, device), desc=slide.name, scale=scale,
-                  partial=partial)
+                  partial=partial, tta=parse_tta(cfg.tta))
     if cfg.mode == "patch":
         prob = patch_mode_map(model, str(slide), tm, device, amp, batch_size=cfg.batch_size, **kwargs)
     else:
