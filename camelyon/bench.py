@@ -370,7 +370,9 @@ def _monai_map(slide: str, model, batch_size: int, workers: int) -> int:
         w, h = handle.level_dimensions[6]
     prob = np.zeros((h, w))
     with torch.no_grad():
-        for batch in MonaiLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False):
+        loader = MonaiLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False,
+                             multiprocessing_context="fork" if workers else None)  # as torch does on Linux
+        for batch in loader:
             p = torch.sigmoid(model(batch["image"].as_tensor())).flatten().numpy()
             rows, cols = np.asarray(batch["image"].meta["mask_location"]).reshape(2, -1)
             prob[rows, cols] = p

@@ -180,10 +180,12 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 
 
 def _loader(ds: Dataset, workers: int, device: torch.device, batches: list[list[int]] | None = None) -> DataLoader:
-    """Items one by one, or the given ``batches`` of item indices, in order."""
+    """Items one by one, or the given ``batches`` of item indices, in order; two items in flight per
+    worker (a dense tile is up to 40 MB of uint8: more would only hold memory, the forward pass is
+    the slow side)."""
     batching = dict(batch_sampler=batches) if batches is not None else dict(batch_size=None, shuffle=False)
     return DataLoader(ds, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers else None, **batching)
+                      prefetch_factor=2 if workers else None, **batching)
 
 
 def averaged_probability(net, x: torch.Tensor, amp: MixedPrecision, tta: list[str] = ("id",)) -> torch.Tensor:
