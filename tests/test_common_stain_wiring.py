@@ -225,6 +225,31 @@ def test_checkpoint_stores_the_target_and_inference_reuses_it(he_slides, tmp_pat
     assert not np.array_equal(np.load(tmp_path / "a" / "small.npy"), from_file)
 
 
+def test_dense_mode_normalises_per_tile_or_per_slide(he_slides, tmp_path):
+    """Dense tiles normalised to the checkpoint's stored target: a per-slide fit is another map
+    than a per-tile one, and both differ from the unnormalised map."""
+    from camelyon.infer import run as run_inference
+    from camelyon.model import build_model
+
+    torch.manual_seed(0)
+    target = StainTarget.from_files(he_slides / "target.png", "reinhard")
+    torch.save({"model": build_model().state_dict(), "config": {"mpp": 0.243}, "stain_target": target.to_state()},
+               tmp_path / "model.pt")
+    base = dict(slides=str(he_slides / "slides" / "small.tif"), checkpoint=str(tmp_path / "model.pt"), mode="dense",
+                tile_cells=8, num_workers=0, device="cpu")
+    maps = {}
+    for fit in ("tile", "slide"):
+        run_inference(camelyon.config.InferConfig(output_dir=str(tmp_path / fit), stain_normalize="reinhard",
+                                                  stain_fit=fit, **base))
+        maps[fit] = np.load(tmp_path / fit / "small.npy")
+    with pytest.warns(UserWarning, match="reinhard-normalised images"):
+        run_inference(camelyon.config.InferConfig(output_dir=str(tmp_path / "none"), **base))
+    maps["none"] = np.load(tmp_path / "none" / "small.npy")
+    assert all((m > 0).sum() >= 9 for m in maps.values())
+    assert not np.array_equal(maps["tile"], maps["slide"])
+    assert not np.array_equal(maps["tile"], maps["none"]) and not np.array_equal(maps["slide"], maps["none"])
+
+
 def test_slide_fit_uses_tissue_patches_spread_over_the_slide(he_slides, monkeypatch):
     import camelyon.infer as infer
     from camelyon.prepare import tissue_mask_at
