@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.config import BaseConfig, ConfigError, default_cache_dir
+from common.config import (BaseConfig, ConfigError, StainAugmentConfig, StainNormalizeConfig, StainTrainConfig,
+                           default_cache_dir)
 from common.tta import parse_tta
 
 
@@ -14,9 +15,10 @@ def demo_root() -> str:
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(StainAugmentConfig):
     """The bundle's training transforms, applied per 224 patch in this order: ColorJitter
-    (uint8 semantics, random order), flip of both axes, rot90, zoom, scaling to [-1, 1]."""
+    (uint8 semantics, random order), flip of both axes, rot90, zoom, scaling to [-1, 1]; with
+    ``--stain-augment hed`` HED jitter first."""
 
     brightness: float = 0.25  # ColorJitter brightness factor range 1 +- brightness
     contrast: float = 0.75  # ColorJitter contrast factor range 1 +- contrast
@@ -30,7 +32,7 @@ class AugmentConfig:
 
 
 @dataclass
-class TrainConfig(AugmentConfig, BaseConfig):
+class TrainConfig(AugmentConfig, StainTrainConfig, BaseConfig):
     """Train the ResNet18 patch classifier on 768-px regions split 3x3 (bundle recipe)."""
 
     output_dir: str = "runs/camelyon"
@@ -84,7 +86,7 @@ class TrainConfig(AugmentConfig, BaseConfig):
 
 
 @dataclass
-class InferConfig(BaseConfig):
+class InferConfig(StainNormalizeConfig, BaseConfig):
     """Whole-slide probability maps, lesion candidates (NMS) and exports."""
 
     slides: str = ""  # a slide file or a folder of slides
@@ -109,6 +111,9 @@ class InferConfig(BaseConfig):
     overwrite: bool = False  # redo slides finished before with the same checkpoint and settings
     flush_every: int = 64  # save the slide in progress every N forward passes (dense: tiles, patch: batches); 0: never
     tta: str = "none"  # test-time augmentation, averaged: none | flips (all 8 dihedral) | hflip | flips4 | names: id,rot90,flip,...
+    # --stain-normalize: the source statistics fitted per forward-pass input (patch, or dense tile with its
+    # halo) or once per slide (on patches at up to STAIN_FIT_CELLS tissue cells spread over the slide)
+    stain_fit: Literal["tile", "slide"] = "tile"  # fit each tile's stain to the target, or each slide's once
     keep_freed_memory: bool = False  # CPU: malloc keeps freed memory for reuse (common/memory.py): 1.46x faster, peak RSS +0.65 GB
 
     def validate(self) -> None:
@@ -120,7 +125,7 @@ class InferConfig(BaseConfig):
 
 
 @dataclass
-class EvalConfig(BaseConfig):
+class EvalConfig(StainNormalizeConfig, BaseConfig):
     """Camelyon16 lesion-level FROC (official or bundle protocol, + slide AUC), or patch accuracy."""
 
     # official: Evaluation_FROC.py (level 5, <slide>.csv detections, normal slides add FPs) -- compare

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from camelyon.config import AugmentConfig
 from common import augment as aug
 from common.errors import DataError
+from common.stain import HEDAugment
 from common.wsi import SLIDE_SUFFIXES, SlideError, SlideHandles, dataset_mpp, open_slide, read_rgb
 
 REGION = 768
@@ -237,11 +238,11 @@ def split_grid(regions: torch.Tensor, labels: torch.Tensor, patch: int = PATCH) 
 def train_transform(patches: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
     """uint8/float (N, 3, 224, 224) in [0, 255] -> augmented float32 in [-1, 1], on patches' device.
 
-    ColorJitter (uint8 semantics, random order) -> flip both axes (p .5) -> rot90 k in {1,2,3}
-    (p .5) -> float32 -> zoom U[0.9, 1.1] with area resize and edge padding / centre crop (p .5)
-    -> x / 127.5 - 1."""
+    [HED jitter with ``--stain-augment hed``] -> ColorJitter (uint8 semantics, random order) ->
+    flip both axes (p .5) -> rot90 k in {1,2,3} (p .5) -> float32 -> zoom U[0.9, 1.1] with area
+    resize and edge padding / centre crop (p .5) -> x / 127.5 - 1."""
     n = patches.shape[0]
-    x = patches.float()
+    x = HEDAugment.from_config(cfg)(patches.float(), gen)  # x itself, nothing drawn, without --stain-augment
     x = aug.apply_color_jitter(x, aug.sample_color_jitter(n, cfg.brightness, cfg.contrast, cfg.saturation,
                                                           cfg.hue, gen))
     x = aug.apply_flip(x, aug.sample_flags(n, cfg.flip_prob, gen), dims=(-2, -1))

@@ -61,6 +61,7 @@ from common.metrics.froc import (FP_RATES, MONAI_NMS_BOX, MONAI_NMS_SIGMA, MONAI
                                  evaluation_mask, growth_threshold_px, itc_labels, itc_threshold_px,
                                  monai_tumour_pixels, nms, slide_fp_tp)
 from common.errors import exit_on_user_error
+from common.stain import StainNormalizer, inference_stain, target_from_files
 
 ANNOTATION_SUFFIXES = (".xml", ".json", ".geojson")
 
@@ -391,15 +392,17 @@ def to_patches(regions: torch.Tensor, labels: torch.Tensor, device: torch.device
 
 
 @torch.no_grad()
-def patch_accuracy(model, loader, amp: MixedPrecision, ctx: dist.DistContext) -> dict[str, float]:
+def patch_accuracy(model, loader, amp: MixedPrecision, ctx: dist.DistContext,
+                   stain: StainNormalizer = StainNormalizer()) -> dict[str, float]:
     """Patch accuracy (sigmoid >= 0.5) and mean BCE over all patches of a region loader, summed
-    exactly across processes; also the patch count and the positive fraction."""
+    exactly across processes; also the patch count and the positive fraction. Patches are stain
+    normalised per patch when ``stain`` has a target."""
     model.eval()
     sums = {"correct": 0.0, "loss": 0.0, "n": 0.0, "positives": 0.0}
     for regions, labels in progress(loader, desc="validate"):
         patches, targets = to_patches(regions, labels, ctx.device)
         with amp.autocast():
-            logits = model(eval_transform(patches)).float()
+            logits = model(eval_transform(stain(patches))).float()
         sums["correct"] += float(((logits >= 0).float() == targets).sum())
         sums["loss"] += float(F.binary_cross_entropy_with_logits(logits, targets, reduction="sum"))
         sums["n"] += targets.numel()
@@ -411,17 +414,20 @@ def patch_accuracy(model, loader, amp: MixedPrecision, ctx: dist.DistContext) ->
 
 
 def evaluate_patches(cfg: EvalConfig) -> dict:
-    """:func:`patch_accuracy` of a checkpoint on a patch list."""
+    """:func:`patch_accuracy` of a checkpoint on a patch list; ``--stain-normalize`` to ``--stain-target``,
+    else to the target the checkpoint stores."""
     from camelyon.infer import load_model
 
     ctx = dist.setup(cfg.device)
+    target = target_from_files(cfg)  # a bad --stain-target stops here, before any slide is read
     records = read_patch_list(cfg.patch_list, cfg.image_dir or None, cfg.annotation_dir or None, json_key="validation")
     validate_records(records, source=cfg.patch_list)
     model, _ = load_model(cfg.checkpoint, ctx.device)
+    stain = inference_stain(cfg, target, cfg.checkpoint)
     ds = RegionDataset(records)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=dist.ShardSampler(len(ds)),
                         num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda")
-    return patch_accuracy(model, loader, MixedPrecision(ctx.device, cfg.precision), ctx)
+    return patch_accuracy(model, loader, MixedPrecision(ctx.device, cfg.precision), ctx, stain=stain)
 
 
 def protocol_line(protocol: dict) -> str:

@@ -25,6 +25,11 @@ without a resolution is assumed to be at model_mpp (with a warning) unless ``--s
   Values differ slightly from patch mode because a dense window sees real neighbours instead of
   zero padding (camelyon.md §11); ``bench.py`` and the tests measure how much.
 
+Stain normalisation (``--stain-normalize macenko|reinhard``, off by default): each uint8 batch is
+normalised on the device to the target (``--stain-target FILE...``, else the one the checkpoint
+stores) before the scaling to [-1, 1]; ``--stain-fit tile`` fits every forward-pass input (a patch,
+or a dense tile with its halo), ``slide`` fits each slide once on patches spread over its tissue.
+
 Outputs per slide: ``<slide>.npy`` (float64 map), ``<slide>.csv`` (``probability,X,Y`` at level 0
 after NMS: threshold 0.5, 48-cell box), ``<slide>_heatmap.png``, optional GeoJSON / ASAP XML.
 
@@ -70,6 +75,7 @@ from common.config import parse_config
 from common.logging import progress
 from common.memory import keep_freed_memory
 from common.metrics.froc import map_to_level0, nms
+from common.stain import StainNormalizer, inference_stain, target_from_files
 from common.tta import dihedral, parse_tta, undo_dihedral
 from common.work_queue import WorkQueue
 from common.wsi import (SlideHandles, best_level, list_slides, open_slide, read_rgb_scaled, recorded_mpp,
@@ -77,9 +83,10 @@ from common.wsi import (SlideHandles, best_level, list_slides, open_slide, read_
 
 HALF = PATCH // 2
 #: InferConfig fields that shape the written outputs (with the mode's own: tile_cells or batch_size):
-#: a finished slide is redone when one of them, the checkpoint or the resolved model µm/px changes
+#: a finished slide is redone when one of them, the checkpoint, the resolved model µm/px or the
+#: resolved stain target's statistics change
 OUTPUT_SETTINGS = ("mode", "mask_downsample", "slide_mpp", "mpp_tolerance", "precision", "nms_threshold", "nms_box",
-                   "nms_sigma", "export", "contours", "tta")
+                   "nms_sigma", "export", "contours", "tta", "stain_normalize", "stain_fit")
 MODE_SETTINGS = {"dense": ("tile_cells",), "patch": ("batch_size",)}
 #: what makes one slide fail without stopping a folder run: the user errors (a missing or corrupt
 #: file, no tissue, ...) and the errors OpenSlide raises when a tile of a truncated file is read
@@ -87,6 +94,8 @@ SLIDE_ERRORS = USER_ERRORS + (openslide.OpenSlideError,)
 PARTIAL = ".partial"  # the slide in progress: <output_dir>/.partial/<slide>.npz
 MASKS = ".tissue"  # <output_dir>/.tissue/<slide>.npz: each slide's tissue mask, computed once
 SUMMARY = "inference.jsonl"
+#: --stain-fit slide: the slide's stain statistics are fitted on the patches of this many tissue cells
+STAIN_FIT_CELLS = 32
 
 
 def cell_top_left(rows: np.ndarray, cols: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
@@ -174,8 +183,11 @@ class CellPatches(Dataset):
         return torch.from_numpy(rgb).permute(2, 0, 1), i
 
 
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = scale_intensity(x.to(device, non_blocking=True).float())
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool,
+               stain: StainNormalizer = StainNormalizer()) -> torch.Tensor:
+    """uint8 tiles -> the network's input on ``device``: float, stain normalised (when ``stain`` has a
+    target; batched), scaled to [-1, 1]."""
+    x = scale_intensity(stain(x.to(device, non_blocking=True).float()))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -206,7 +218,8 @@ def averaged_probability(net, x: torch.Tensor, amp: MixedPrecision, tta: list[st
 @torch.no_grad()
 def patch_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecision, batch_size: int = 400,
                    workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0,
-                   partial: SlideProgress | None = None, tta: list[str] = ("id",)) -> np.ndarray:
+                   partial: SlideProgress | None = None, tta: list[str] = ("id",),
+                   stain: StainNormalizer = StainNormalizer()) -> np.ndarray:
     """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel. Batch b is
     always the tissue cells [b * batch_size, (b + 1) * batch_size) in row-major order, so a resumed
     run (``partial``) computes every remaining batch exactly as an uninterrupted one. ``tta``: each
@@ -219,7 +232,8 @@ def patch_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecisio
         return prob
     loader = _loader(CellPatches(slide, cells, tm.ratio / scale, scale), workers, device, batches=todo)
     for patches, idx in progress(loader, desc=desc or "patches"):
-        p = averaged_probability(model, _to_device(patches, device, channels_last), amp, tta).flatten().cpu().numpy()
+        x = _to_device(patches, device, channels_last, stain)
+        p = averaged_probability(model, x, amp, tta).flatten().cpu().numpy()
         rc = cells[idx.numpy()]
         prob[rc[:, 0], rc[:, 1]] = p
         if partial is not None:
@@ -266,7 +280,8 @@ class DenseTiles(Dataset):
 @torch.no_grad()
 def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecision, tile_cells: int = 32,
                    workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0,
-                   partial: SlideProgress | None = None, halo: bool = True, tta: list[str] = ("id",)) -> np.ndarray:
+                   partial: SlideProgress | None = None, halo: bool = True, tta: list[str] = ("id",),
+                   stain: StainNormalizer = StainNormalizer()) -> np.ndarray:
     """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel. With
     ``partial`` the tiles it holds as done are not computed again. ``halo=False`` reads only each
     tile's own windows (zero padding around it: a 1-cell tile is then exactly patch mode). ``tta``:
@@ -286,7 +301,7 @@ def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecisio
     net = lean_dense_model(model) if isinstance(model, TumorDetectionNet) else model  # stem in row strips
     for tile_img, i in progress(_loader(ds, workers, device), desc=desc or "tiles", total=len(ds)):
         t = tiles[int(i)]
-        prob_grid = averaged_probability(net, _to_device(tile_img[None], device, channels_last), amp, tta)
+        prob_grid = averaged_probability(net, _to_device(tile_img[None], device, channels_last, stain), amp, tta)
         p = prob_grid[0, 0, first::step, first::step].cpu().numpy()  # (1, 1, h, w) at stride 32 -> (rows, cols)
         block = tm.mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         target = prob[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
@@ -402,8 +417,23 @@ def slide_resolution(slide: Path, model_mpp: float, cfg: InferConfig) -> dict:
             "level": level, "resampling": level_ds / res.scale}
 
 
+def slide_stain(stain: StainNormalizer, slide: Path, tm: TissueMask, scale: float, fit: str) -> StainNormalizer:
+    """``stain`` as it applies to this slide: with ``fit`` "slide" the source statistics are fitted
+    once, on the 224 patches of up to STAIN_FIT_CELLS tissue cells spread evenly over the slide
+    (row-major order); with "tile" (or no target, or no tissue) each forward-pass input is fitted alone."""
+    if not stain.enabled or fit != "slide" or not tm.mask.any():
+        return stain
+    cells = np.argwhere(tm.mask)
+    pick = np.unique(np.linspace(0, len(cells) - 1, min(STAIN_FIT_CELLS, len(cells))).round().astype(np.int64))
+    patches = CellPatches(str(slide), cells[pick], tm.ratio / scale, scale)
+    tiles = [patches[i][0] for i in range(len(patches))]
+    source = stain.target.fit_source(tiles, source=f"{slide}: the {len(tiles)} tissue patches of its stain fit")
+    return stain.with_source(source)
+
+
 def infer_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecision,
-                model_mpp: float = CAMELYON16_MPP, partial: SlideProgress | None = None) -> dict:
+                model_mpp: float = CAMELYON16_MPP, partial: SlideProgress | None = None,
+                stain: StainNormalizer = StainNormalizer()) -> dict:
     t0 = time.time()
     res = slide_resolution(slide, model_mpp, cfg)
     print(f"{slide.name}: {res['slide_mpp']:g} µm/px ({res['mpp_source']}), model {model_mpp:g} µm/px -> "
@@ -411,7 +441,7 @@ def infer_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecisio
     scale = res["scale"]
     tm = cached_tissue_mask(slide, cfg, scale)
     kwargs = dict(workers=cfg.num_workers, channels_last=use_channels_last(cfg, device), desc=slide.name, scale=scale,
-                  partial=partial, tta=parse_tta(cfg.tta))
+                  partial=partial, tta=parse_tta(cfg.tta), stain=slide_stain(stain, slide, tm, scale, cfg.stain_fit))
     if cfg.mode == "patch":
         prob = patch_mode_map(model, str(slide), tm, device, amp, batch_size=cfg.batch_size, **kwargs)
     else:
@@ -429,10 +459,11 @@ def output_paths(out: Path, stem: str, cfg: InferConfig) -> list[Path]:
     return [out / n for n in names]
 
 
-def finished_work(cfg: InferConfig, model_mpp: float) -> FinishedWork:
+def finished_work(cfg: InferConfig, model_mpp: float, stain: StainNormalizer = StainNormalizer()) -> FinishedWork:
     """The records of this output folder under this checkpoint and these output-shaping settings."""
     settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS + MODE_SETTINGS[cfg.mode]}
     settings["model_mpp"] = model_mpp  # resolved: --model-mpp, else the checkpoint's
+    settings["stain_target"] = stain.target.to_json(with_source=False) if stain.enabled else ""  # files or checkpoint
     # "" when the model came from no file (a test's stand-in network)
     sha = file_sha256(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
     return FinishedWork(cfg.output_dir, {"checkpoint_sha256": sha, "settings": settings})
@@ -459,12 +490,12 @@ def append_summary_line(out: Path, summary: dict) -> None:
 
 
 def process_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecision, model_mpp: float,
-                  finished: FinishedWork) -> dict:
+                  finished: FinishedWork, stain: StainNormalizer = StainNormalizer()) -> dict:
     """One slide from start to end (see ``finish_slide``); a slide that cannot be read comes back as
     a failed summary. Either way its line is appended to ``inference.jsonl``."""
     t0 = time.time()
     try:
-        summary = finish_slide(model, slide, cfg, device, amp, model_mpp, finished)
+        summary = finish_slide(model, slide, cfg, device, amp, model_mpp, finished, stain)
     except SLIDE_ERRORS as err:
         summary = {"slide": slide.name, "status": "failed", "error": error_text(err, slide),
                    "seconds": round(time.time() - t0, 2)}
@@ -474,7 +505,7 @@ def process_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecis
 
 
 def finish_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecision, model_mpp: float,
-                 finished: FinishedWork) -> dict:
+                 finished: FinishedWork, stain: StainNormalizer = StainNormalizer()) -> dict:
     """Skip the slide when it was finished before under the same key; else infer it (continuing
     from its partial map), write its outputs, record it and drop the partial map."""
     out, t0 = Path(cfg.output_dir), time.time()
@@ -488,7 +519,7 @@ def finish_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecisi
     finished.forget(slide.stem)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = {**infer_slide(model, slide, cfg, device, amp, model_mpp, partial), "status": "ok"}
+        summary = {**infer_slide(model, slide, cfg, device, amp, model_mpp, partial, stain), "status": "ok"}
     _rewarn(caught, summary)
     finished.record(slide.stem, slide, summary)
     partial.remove()
@@ -567,17 +598,19 @@ def run(cfg: InferConfig) -> list[dict]:
         keep_freed_memory()  # reuse activation memory across tiles and slides (common/memory.py)
     if not cfg.slides or not cfg.checkpoint:
         raise SystemExit("infer.py needs --slides PATH_OR_DIR and --checkpoint FILE")
+    target = target_from_files(cfg)  # a bad --stain-target stops the run before any slide is read
     slides = list_slides(cfg.slides)
     model, info = load_model(cfg.checkpoint, ctx.device, use_channels_last(cfg, ctx.device))
     model_mpp, mpp_from = model_resolution(cfg.checkpoint, cfg.model_mpp)
+    stain = inference_stain(cfg, target, cfg.checkpoint)
     dist.print0(f"loaded {info['kind']} {info['path']} (trained at {model_mpp:g} µm/px, {mpp_from}); "
-                f"{len(slides)} slide(s), mode {cfg.mode}")
+                f"{len(slides)} slide(s), mode {cfg.mode}" + stain_line(cfg, stain, target is None))
     amp = MixedPrecision(ctx.device, cfg.precision)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    finished = finished_work(cfg, model_mpp)
+    finished = finished_work(cfg, model_mpp, stain)
     sizes = slide_sizes(slides, cfg, model_mpp, finished)
     mine = infer_slides(slides, sizes, Path(cfg.output_dir),
-                        lambda s: process_slide(model, s, cfg, ctx.device, amp, model_mpp, finished))
+                        lambda s: process_slide(model, s, cfg, ctx.device, amp, model_mpp, finished, stain))
     summaries = sorted((s for part in dist.all_gather_object(mine) for s in part), key=lambda s: s["slide"])
     failed = [s for s in summaries if s["status"] == "failed"]
     if len(slides) == 1 and failed:
@@ -585,6 +618,14 @@ def run(cfg: InferConfig) -> list[dict]:
     if ctx.is_main:
         print_summaries(summaries)
     return summaries
+
+
+def stain_line(cfg: InferConfig, stain: StainNormalizer, from_checkpoint: bool) -> str:
+    """The log's note on stain normalisation (empty when off)."""
+    if not stain.enabled:
+        return ""
+    where = "the checkpoint's stored target" if from_checkpoint else stain.target.source
+    return f"; {cfg.stain_normalize} stain normalisation to {where}, fitted per {cfg.stain_fit}"
 
 
 def print_summaries(summaries: list[dict]) -> None:

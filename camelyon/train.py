@@ -35,6 +35,7 @@ from common.errors import exit_on_user_error
 from common.logging import MetricLogger, progress, report_step, start_run
 from common.optim import FunctionScheduler, Novograd, cosine_annealing
 from common.pretrained import apply_initialisation, resolve_initialisation
+from common.stain import StainNormalizer, training_stain
 from common.training import Checkpointer, TrainState, wrap_ddp, write_result
 
 
@@ -86,9 +87,11 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[Novograd,
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, ctx, cfg: TrainConfig,
-                    logger: MetricLogger, ckpt: Checkpointer, steps_per_epoch: int) -> None:
-    """One (possibly partial, after a resume) epoch: each region split into its 9 patches, augmented
-    on the device from a (seed, rank, step) generator; the schedule steps once, at the end."""
+                    logger: MetricLogger, ckpt: Checkpointer, steps_per_epoch: int,
+                    stain: StainNormalizer = StainNormalizer()) -> None:
+    """One (possibly partial, after a resume) epoch: each region split into its 9 patches, stain
+    normalised (``--stain-normalize``), augmented on the device from a (seed, rank, step) generator;
+    the schedule steps once, at the end."""
     model.train()
     epoch = state.epoch
     bar = progress(total=steps_per_epoch, initial=state.steps_done(epoch, steps_per_epoch),
@@ -97,7 +100,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState,
         if state.epoch_finished(epoch, steps_per_epoch):
             break
         patches, targets = to_patches(regions, labels, ctx.device)
-        x = train_transform(patches, make_generator(cfg.seed, ctx.rank, state.step), cfg)  # cfg is an AugmentConfig
+        gen = make_generator(cfg.seed, ctx.rank, state.step)
+        x = train_transform(stain(patches), gen, cfg)  # cfg is an AugmentConfig
         if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
@@ -120,7 +124,8 @@ def demo_inference_and_froc(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
     root, out = Path(cfg.data_root), Path(cfg.output_dir)
     run_inference(InferConfig(slides=str(root / "testing" / "images"), checkpoint=str(out / "best.pt"),
                               output_dir=str(out / "inference"), num_workers=cfg.num_workers,
-                              device=cfg.device, precision=cfg.precision))
+                              device=cfg.device, precision=cfg.precision,
+                              stain_normalize=cfg.stain_normalize))  # the target stored in best.pt
     result = evaluate_froc(EvalConfig(detections=str(out / "inference"),
                                       ground_truth=str(root / "testing" / "ground_truths"),
                                       output_dir=str(out / "inference")))
@@ -135,6 +140,7 @@ def demo_inference_and_froc(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
+    stain, stain_state = training_stain(cfg)  # a bad --stain-target stops the run before anything else
     model, cfg.initialisation = build_model_for(cfg, ctx)  # first: a weights problem stops the run before any data
     if cfg.demo:
         prepare_demo(cfg)  # synthetic slides and their patch lists, built once
@@ -151,7 +157,8 @@ def main(cfg: TrainConfig) -> dict:
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
 
     state = TrainState()
-    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp)
+    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp,
+                        extra=stain_state)
     ckpt.resume(state)
     logger = MetricLogger(out)
     metrics: dict[str, float] = {}
@@ -159,8 +166,9 @@ def main(cfg: TrainConfig) -> dict:
         state.epoch = epoch
         sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
         t0 = time.time()
-        train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt, steps_per_epoch)
-        metrics = patch_accuracy(model, val_loader, amp, ctx)
+        train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt, steps_per_epoch,
+                        stain=stain)
+        metrics = patch_accuracy(model, val_loader, amp, ctx, stain=stain)
         state.epoch = epoch + 1
         dist.print0(f"epoch {state.epoch}/{cfg.epochs}: val acc {metrics['acc']:.4f} loss {metrics['loss']:.4f} "
                     f"({metrics['patches']:.0f} patches) lr {optimizer.param_groups[0]['lr']:.3g} "

@@ -70,6 +70,34 @@ class BaseConfig:
         return dataclasses.asdict(self)
 
 
+# ----------------------------------------------------------------------------- stain mix-ins
+# Declared once for every pathology task (common/stain.py does the work). Keyword-only, so a task's
+# AugmentConfig that inherits them keeps its own fields' positional order.
+@dataclass(kw_only=True)
+class StainAugmentConfig:
+    """HED stain augmentation of the training batches (Tellez et al.), off by default."""
+
+    stain_augment: Literal["none", "hed"] = "none"  # none: the reference recipe | hed: HED jitter of every image
+    hed_sigma: float = 0.05  # hed: each stain amount scaled by U(1 - sigma, 1 + sigma)
+    hed_bias: float = 0.05  # hed: each stain amount shifted by U(-bias, bias)
+
+
+@dataclass(kw_only=True)
+class StainNormalizeConfig:
+    """Stain normalisation of the network's input to a target's statistics."""
+
+    stain_normalize: Literal["none", "macenko", "reinhard"] = "none"  # normalise each image's stain to the target
+    # inference and evaluation: empty = the target stored in the checkpoint by a run trained with one
+    stain_target: list[str] = field(default_factory=list)  # target image file(s), fitted together
+
+
+@dataclass(kw_only=True)
+class StainTrainConfig(StainNormalizeConfig):
+    """Stain normalisation of a training run, whose checkpoints store the fitted target."""
+
+    stain_statistics: str = ""  # written by the run (config.json): the fitted target's statistics; not an input
+
+
 def field_group(cfg: Any, group: type[G], **changes: Any) -> G:
     """The ``group`` dataclass (a set of fields ``cfg``'s class inherits, e.g. nuclick's
     ``GuidanceConfig``) with ``cfg``'s values, some of them replaced by ``changes``::

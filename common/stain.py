@@ -13,6 +13,11 @@ them, else of the input's dtype.
 - Stain normalisation to a :class:`StainTarget` (Reinhard et al. 2001; Macenko et al. 2009):
   :func:`normalize_stain` with the source statistics fitted per tile (batched) or once per slide
   (``target.fit_source(tiles)``).
+- Wiring to the scripts (flags declared in ``common.config``: ``StainAugmentConfig``,
+  ``StainNormalizeConfig``): ``HEDAugment.from_config(cfg)``; :class:`StainNormalizer`, the
+  batch step (the identity without a target); :func:`training_stain` (a trainer's normaliser and
+  the checkpoint entry ``stain_target`` that stores its target); :func:`target_from_files` (at
+  start-up) and :func:`inference_stain` (files, else the checkpoint's target) for inference.
 
 Background. A pixel is background when it is near-white: its optical density -ln(I / white) is
 below ``BACKGROUND_OD`` = 0.15 in every channel, i.e. every channel > 86.1 % of white (> 219.5 of
@@ -20,18 +25,21 @@ below ``BACKGROUND_OD`` = 0.15 in every channel, i.e. every channel > 86.1 % of 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import kornia
 import torch
 from PIL import Image
 
 from common.augment import sample_flags
+from common.checkpoint import load_file
+from common.config import ConfigError
 from common.errors import DataError
 from common.image import read_image
 
@@ -152,15 +160,28 @@ class HEDAugment:
         if not 0 <= self.p <= 1 or not 0 <= self.sigma < 1 or self.bias < 0 or self.bound <= 0:
             raise ValueError(f"HEDAugment: need 0 <= p <= 1, 0 <= sigma < 1, bias >= 0, bound > 0; got {self}")
 
+    @classmethod
+    def from_config(cls, cfg, bound: float = 255.0) -> HEDAugment:
+        """The step a config with ``common.config.StainAugmentConfig``'s fields asks for: off for
+        ``stain_augment`` none, every sample jittered (p = 1) with its sigma and bias for hed."""
+        if cfg.stain_augment == "none":
+            return cls(bound=bound)
+        return cls(p=1.0, sigma=cfg.hed_sigma, bias=cfg.hed_bias, bound=bound)
+
     @property
     def enabled(self) -> bool:
         return self.p > 0 and (self.sigma > 0 or self.bias > 0)
 
+    def sample(self, n: int, gen: torch.Generator) -> HEDParams | None:
+        """Parameters for n samples; None, drawing nothing, when off (for recipes that draw first)."""
+        return sample_hed(n, gen, self.sigma, self.bias, self.p) if self.enabled else None
+
+    def apply(self, x: torch.Tensor, params: HEDParams | None) -> torch.Tensor:
+        """x itself when ``params`` is None."""
+        return x if params is None else apply_hed(x, params, self.bound, self.background_od)
+
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        params = sample_hed(x.shape[0], gen, self.sigma, self.bias, self.p)
-        return apply_hed(x, params, self.bound, self.background_od)
+        return self.apply(x, self.sample(x.shape[0], gen))
 
 
 # ----------------------------------------------------------------------------- Macenko
@@ -410,6 +431,13 @@ class StainTarget:
         """Plain tensors, floats and strings (``torch.load(weights_only=True)`` reads them back)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
+    def to_json(self, with_source: bool = True) -> str:
+        """:meth:`to_state` as one line of JSON (tensors as lists), e.g. for a run's config.json;
+        without ``source``: what the statistics are, not where they came from."""
+        state = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in self.to_state().items()
+                 if with_source or k != "source"}
+        return json.dumps(state, sort_keys=True)
+
     @classmethod
     def from_state(cls, state: dict) -> StainTarget:
         """Inverse of :meth:`to_state`; a malformed state raises a DataError."""
@@ -482,3 +510,94 @@ def normalize_stain(x: torch.Tensor, target: StainTarget, source: StainTarget | 
     run = _macenko_normalize if target.method == "macenko" else _reinhard_normalize
     out = (run(xf, target, source, bound) * (bound / 255.0)).reshape(xf.shape)
     return torch.where(background_mask(xf, bound, target.background_od), xf, out)
+
+
+# ----------------------------------------------------------------------------- wiring to the scripts
+@dataclass(frozen=True, eq=False)
+class StainNormalizer:
+    """:func:`normalize_stain` as a step on batches in [0, ``bound``]: ``x`` itself (any dtype)
+    when there is no target, so a script without ``--stain-normalize`` runs exactly as before.
+    ``source`` (``target.fit_source(...)``): fixed statistics, e.g. one slide's; None: per tile."""
+    target: StainTarget | None = None
+    source: StainTarget | None = None
+    bound: float = 255.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.target is not None
+
+    def with_source(self, source: StainTarget | None) -> StainNormalizer:
+        return StainNormalizer(self.target, source, self.bound)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.target is None else normalize_stain(x, self.target, self.source, self.bound)
+
+
+#: where a training checkpoint keeps its target (``StainTarget.to_state()``)
+CHECKPOINT_KEY = "stain_target"
+
+
+def stored_stain_target(checkpoint: Any) -> dict | None:
+    """The target state a run's checkpoint (a loaded dict) stores, or None (also for a plain
+    state_dict such as a released bundle's)."""
+    state = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, Mapping) else None
+    return state if isinstance(state, Mapping) else None
+
+
+def check_stain_flags(cfg) -> None:
+    """A ``--stain-target`` without ``--stain-normalize`` is a ConfigError (the target would be ignored)."""
+    if cfg.stain_target and cfg.stain_normalize == "none":
+        raise ConfigError(f"--stain-target {' '.join(cfg.stain_target)}: needs --stain-normalize macenko or reinhard")
+
+
+def target_from_files(cfg) -> StainTarget | None:
+    """The target fitted from ``--stain-target`` files (None when none are given). Called at
+    start-up: a missing, white, grey or non-image file stops the script with one line naming it."""
+    check_stain_flags(cfg)
+    if cfg.stain_normalize == "none" or not cfg.stain_target:
+        return None
+    return StainTarget.from_files(cfg.stain_target, cfg.stain_normalize)
+
+
+def resolve_stain_target(cfg, checkpoint: Any = None, checkpoint_name: str = "the checkpoint") -> StainTarget | None:
+    """The target ``--stain-normalize`` asks for (``cfg`` has ``StainNormalizeConfig``'s fields):
+    fitted from ``--stain-target`` if given, else the one ``checkpoint`` (a loaded dict, or None
+    for a trainer) stores; None when ``--stain-normalize none`` (with a warning when the checkpoint
+    was trained on normalised images). Neither, or a stored target of another method: ConfigError."""
+    method, stored = cfg.stain_normalize, stored_stain_target(checkpoint)
+    if method == "none":
+        check_stain_flags(cfg)
+        if stored is not None:
+            warnings.warn(f"{checkpoint_name} was trained on {stored.get('method')}-normalised images; "
+                          "--stain-normalize none feeds it unnormalised ones", stacklevel=2)
+        return None
+    if cfg.stain_target:
+        return target_from_files(cfg)
+    if stored is None:
+        where = "" if checkpoint is None else f" ({checkpoint_name} stores none)"
+        raise ConfigError(f"--stain-normalize {method}: needs --stain-target FILE [FILE ...]{where}")
+    target = StainTarget.from_state(dict(stored))
+    if target.method != method:
+        raise ConfigError(f"--stain-normalize {method}: {checkpoint_name} stores a {target.method} target; "
+                          f"give --stain-target FILE or --stain-normalize {target.method}")
+    return target
+
+
+def training_stain(cfg) -> tuple[StainNormalizer, dict]:
+    """A trainer's ``--stain-normalize`` (``cfg`` has ``StainTrainConfig``'s fields): the
+    normaliser, and the checkpoint entries that store its target for inference. Records the
+    target's statistics in ``cfg.stain_statistics`` (so config.json shows them)."""
+    target = resolve_stain_target(cfg)
+    cfg.stain_statistics = target.to_json() if target is not None else ""
+    return StainNormalizer(target), ({CHECKPOINT_KEY: target.to_state()} if target is not None else {})
+
+
+def inference_stain(cfg, fitted: StainTarget | None, checkpoint: Any) -> StainNormalizer:
+    """An inference or evaluation script's normaliser: ``fitted`` (:func:`target_from_files`, called
+    at start-up), else the target stored in ``checkpoint`` (a path, or the loaded dict)."""
+    if fitted is not None:
+        return StainNormalizer(fitted)
+    name = "the checkpoint"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        name, checkpoint = str(checkpoint), load_file(checkpoint)
+    return StainNormalizer(resolve_stain_target(cfg, checkpoint, name))

@@ -6,7 +6,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.config import BaseConfig, ConfigError, default_cache_dir
+from common.config import (BaseConfig, ConfigError, StainAugmentConfig, StainNormalizeConfig, StainTrainConfig,
+                           default_cache_dir)
 
 
 #: µm/px of CoNSeP (40x; nuclick.md does not state it, 0.25 is the usual 40x pixel): the bundle's
@@ -27,8 +28,9 @@ def demo_root() -> str:
 # Fields several commands share, declared once; the commands' configs inherit them (so they are
 # flags there), and dataset.py / guidance.py take the groups themselves.
 @dataclass
-class AugmentConfig:
-    """The bundle's training transforms, in order (nuclick.md §5)."""
+class AugmentConfig(StainAugmentConfig):
+    """The bundle's training transforms, in order (nuclick.md §5); with ``--stain-augment hed`` HED
+    jitter first."""
 
     brightness: float = 0.251  # ColorJitter, applied to every crop
     contrast: float = 0.75  # ColorJitter contrast factor range 1 +- contrast
@@ -103,7 +105,7 @@ class PrepareConfig(BaseConfig):
 
 
 @dataclass
-class TrainConfig(AugmentConfig, GuidanceConfig, NetworkConfig, CropsConfig, BaseConfig):
+class TrainConfig(AugmentConfig, GuidanceConfig, NetworkConfig, CropsConfig, StainTrainConfig, BaseConfig):
     """Train the NuClick BasicUNet on per-nucleus crops with click guidance (bundle recipe)."""
 
     output_dir: str = "runs/nuclick"
@@ -178,7 +180,7 @@ class InferConfig(ClickSmoothingConfig, WeightsConfig, BaseConfig):
 
 
 @dataclass
-class EvalConfig(WeightsConfig, CropsConfig, BaseConfig):
+class EvalConfig(WeightsConfig, CropsConfig, StainNormalizeConfig, BaseConfig):
     """Validation Dice of a checkpoint on prepared crops, or instance Dice of an inference result."""
 
     output_dir: str = "outputs/nuclick_eval"

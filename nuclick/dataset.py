@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from common import augment as aug
 from common.image import read_image
 from common.logging import progress
+from common.stain import HEDAugment, StainNormalizer
 from nuclick.config import AugmentConfig, GuidanceConfig
 from nuclick.guidance import guidance_inputs
 
@@ -127,9 +128,10 @@ def augment(image: torch.Tensor, mask: torch.Tensor, others: torch.Tensor, gen: 
             cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float image (B, 3, H, W) in [0, 255], mask and others (B, 1, H, W) -> augmented copies.
 
-    ColorJitter (uint8 semantics, every sample) -> flip of both axes (p) -> rot90 k in {1,2,3} (p),
-    the geometry shared by image, mask and others."""
+    [HED jitter with ``--stain-augment hed``] -> ColorJitter (uint8 semantics, every sample) -> flip
+    of both axes (p) -> rot90 k in {1,2,3} (p), the geometry shared by image, mask and others."""
     n = image.shape[0]
+    image = HEDAugment.from_config(cfg)(image, gen)  # the image itself, nothing drawn, without --stain-augment
     image = aug.apply_color_jitter(image, aug.sample_color_jitter(n, cfg.brightness, cfg.contrast,
                                                                   cfg.saturation, cfg.hue, gen))
     flip = aug.sample_flags(n, cfg.flip_prob, gen)
@@ -139,15 +141,16 @@ def augment(image: torch.Tensor, mask: torch.Tensor, others: torch.Tensor, gen: 
 
 
 # ============================================================================= batches
-def _to_device(batch, device: torch.device):
+def _to_device(batch, device: torch.device, stain: StainNormalizer):
+    """The batch on ``device``: float image, stain normalised when ``stain`` has a target."""
     image, mask, others = (t.to(device, non_blocking=True) for t in batch[:3])
-    return image.float(), mask, others
+    return stain(image.float()), mask, others
 
 
 def train_batch(batch, gen: torch.Generator, aug_cfg: AugmentConfig, guide_cfg: GuidanceConfig,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device, stain: StainNormalizer = StainNormalizer()) -> tuple[torch.Tensor, torch.Tensor]:
     """Loader batch -> (network input (B, 5, H, W), float target (B, 1, H, W)) on ``device``."""
-    image, mask, others = _to_device(batch, device)
+    image, mask, others = _to_device(batch, device, stain)
     image, mask, others = augment(image, mask, others, gen, aug_cfg)
     u = torch.rand(image.shape[0], generator=gen, dtype=torch.float64)
     x = guidance_inputs(aug.scale_intensity(image), mask, others, u, gen, guide_cfg)
@@ -155,10 +158,10 @@ def train_batch(batch, gen: torch.Generator, aug_cfg: AugmentConfig, guide_cfg: 
 
 
 def val_batch(batch, seed: int, epoch: int, guide_cfg: GuidanceConfig,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device, stain: StainNormalizer = StainNormalizer()) -> tuple[torch.Tensor, torch.Tensor]:
     """No augmentation; the positive click is drawn per sample from (seed, epoch, dataset index),
     so the validation score does not depend on the number of processes or the batch size."""
-    image, mask, others = _to_device(batch, device)
+    image, mask, others = _to_device(batch, device, stain)
     u = torch.stack([torch.rand(1, generator=aug.make_generator(seed, epoch, int(i)), dtype=torch.float64)[0]
                      for i in batch[3]])
     gen = aug.make_generator(seed, epoch, -1)

@@ -29,6 +29,7 @@ from common.config import parse_config
 from common.logging import progress
 from common.metrics.dice import DiceAccumulator
 from common.errors import exit_on_user_error
+from common.stain import StainNormalizer, inference_stain, target_from_files
 from nuclick.config import EvalConfig, GuidanceConfig
 from nuclick.dataset import NucleiDataset, read_datalist, val_batch
 from nuclick.model import dice_loss, load_nuclick_weights
@@ -37,14 +38,16 @@ from nuclick.model import dice_loss, load_nuclick_weights
 # ============================================================================= crop Dice
 @torch.no_grad()
 def evaluate(model, loader, amp: MixedPrecision, ctx: dist.DistContext, seed: int, epoch: int,
-             guide_cfg: GuidanceConfig, preview_path: Path | None = None, channels_last: bool = False) -> dict:
+             guide_cfg: GuidanceConfig, preview_path: Path | None = None, channels_last: bool = False,
+             stain: StainNormalizer = StainNormalizer()) -> dict:
     """Mean Dice (MONAI conventions), pixel accuracy and Dice loss over the whole loader, exact
-    across processes (per-sample Dice gathered, sums all-reduced)."""
+    across processes (per-sample Dice gathered, sums all-reduced); crops stain normalised when
+    ``stain`` has a target."""
     model.eval()
     dice = DiceAccumulator(include_background=False)
     sums = {"correct": 0.0, "pixels": 0.0, "loss": 0.0, "n": 0.0}
     for i, batch in enumerate(progress(loader, desc="validate")):
-        x, target = val_batch(batch, seed, epoch, guide_cfg, ctx.device)
+        x, target = val_batch(batch, seed, epoch, guide_cfg, ctx.device, stain)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
@@ -136,7 +139,9 @@ def instance_scores(pred: np.ndarray, gt: np.ndarray) -> dict:
 
 # ============================================================================= driver
 def evaluate_checkpoint(cfg: EvalConfig, ctx: dist.DistContext) -> dict:
+    target = target_from_files(cfg)  # a bad --stain-target stops here
     model, info = load_nuclick_weights(cfg.checkpoint, cfg.axis_order or None, ctx.device)
+    stain = inference_stain(cfg, target, cfg.checkpoint)
     items = read_datalist(cfg.datalist or Path(cfg.data_root) / "dataset.json", cfg.split)
     ds = NucleiDataset(items, cache=False)
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=dist.ShardSampler(len(ds)),
@@ -144,7 +149,7 @@ def evaluate_checkpoint(cfg: EvalConfig, ctx: dist.DistContext) -> dict:
     amp = MixedPrecision(ctx.device, cfg.precision)
     out = Path(cfg.output_dir)
     metrics = evaluate(model, loader, amp, ctx, cfg.seed, 0, GuidanceConfig(drop_rate=1.0),
-                       preview_path=out / "preview.png")
+                       preview_path=out / "preview.png", stain=stain)
     metrics.update(checkpoint=info)
     return metrics
 

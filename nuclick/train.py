@@ -27,6 +27,7 @@ from common.augment import make_generator
 from common.config import field_group, parse_config
 from common.errors import exit_on_user_error
 from common.logging import AverageMeter, MetricLogger, progress, report_step, start_run
+from common.stain import StainNormalizer, training_stain
 from common.training import Checkpointer, TrainState, wrap_ddp, write_result
 from nuclick.config import AugmentConfig, GuidanceConfig, InferConfig, TrainConfig, demo_root
 from nuclick.dataset import NucleiDataset, read_datalist, train_batch
@@ -76,10 +77,11 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Ada
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, ctx, cfg: TrainConfig,
-                    logger: MetricLogger, ckpt: Checkpointer, steps_per_epoch: int) -> dict:
-    """One (possibly partial, after a resume) epoch: crops augmented and given their clicks on the
-    device from a (seed, rank, step) generator. No schedule (``scheduler`` is None). Returns the
-    mean training loss over every process."""
+                    logger: MetricLogger, ckpt: Checkpointer, steps_per_epoch: int,
+                    stain: StainNormalizer = StainNormalizer()) -> dict:
+    """One (possibly partial, after a resume) epoch: crops stain normalised (``--stain-normalize``),
+    augmented and given their clicks on the device from a (seed, rank, step) generator. No schedule
+    (``scheduler`` is None). Returns the mean training loss over every process."""
     model.train()
     aug_cfg, guide_cfg = field_group(cfg, AugmentConfig), field_group(cfg, GuidanceConfig)
     meter = AverageMeter()
@@ -89,7 +91,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState,
     for batch in loader:
         if state.epoch_finished(epoch, steps_per_epoch):
             break
-        x, target = train_batch(batch, make_generator(cfg.seed, ctx.rank, state.step), aug_cfg, guide_cfg, ctx.device)
+        x, target = train_batch(batch, make_generator(cfg.seed, ctx.rank, state.step), aug_cfg, guide_cfg, ctx.device,
+                                stain=stain)
         if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
@@ -132,6 +135,7 @@ def demo_inference(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
+    stain, stain_state = training_stain(cfg)  # a bad --stain-target stops the run before anything else
     if cfg.demo:
         prepare_demo(cfg)  # synthetic CoNSeP tiles and their crops, built once
     out = start_run(cfg, "nuclick train", ctx)
@@ -146,7 +150,8 @@ def main(cfg: TrainConfig) -> dict:
     steps_per_epoch = min(len(train_loader), cfg.max_steps_per_epoch or len(train_loader))
 
     state = TrainState(extra={"axis_order": model.axis_order})  # every checkpoint records it
-    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp)
+    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp,
+                        extra=stain_state)
     if ckpt.resume(state):
         model.set_axis_order(state.extra["axis_order"])
     logger = MetricLogger(out)
@@ -157,10 +162,10 @@ def main(cfg: TrainConfig) -> dict:
         sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
         t0 = time.time()
         train_stats = train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt,
-                                      steps_per_epoch)
+                                      steps_per_epoch, stain=stain)
         metrics = evaluate(model, val_loader, amp, ctx, cfg.seed, epoch, guide_val,
                            out / "val_preview.png" if cfg.preview else None,
-                           channels_last=cfg.channels_last and ctx.device.type == "cuda")
+                           channels_last=cfg.channels_last and ctx.device.type == "cuda", stain=stain)
         state.epoch = epoch + 1
         dist.print0(f"epoch {state.epoch}/{cfg.epochs}: train loss {train_stats.get('loss', float('nan')):.4f} | "
                     f"val Dice {metrics['dice']:.4f} acc {metrics['accuracy']:.4f} loss {metrics['loss']:.4f} "

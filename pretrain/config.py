@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from common.config import BaseConfig, default_cache_dir
+from common.config import (BaseConfig, StainAugmentConfig, StainNormalizeConfig, StainTrainConfig,
+                           default_cache_dir)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -17,7 +18,7 @@ def demo_root() -> str:
 
 
 @dataclass
-class FinetuneConfig(BaseConfig):
+class FinetuneConfig(StainAugmentConfig, StainTrainConfig, BaseConfig):
     """Fine-tune (or linear-probe) a backbone on PCam200 / PTCGA200 classification."""
 
     output_dir: str = "runs/pcam200_finetune"
@@ -77,7 +78,7 @@ class FinetuneConfig(BaseConfig):
 
 
 @dataclass
-class EvalConfig(BaseConfig):
+class EvalConfig(StainNormalizeConfig, BaseConfig):
     """Evaluate a fine-tuned checkpoint on one split: metrics JSON + ROC curve PNG."""
 
     checkpoint: str = ""  # best.pt / last.pt of a fine-tuning run (its config gives arch and data)

@@ -22,6 +22,7 @@ from common.augment import (apply_color_jitter, apply_flip, apply_resized_crop, 
                             sample_resized_crop)
 from common.errors import DataError
 from common.image import read_image
+from common.stain import HEDAugment
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 PCAM_CLASSES = ("normal", "tumor")  # label 0, 1
@@ -200,9 +201,11 @@ def eval_transform(x: torch.Tensor, size: int = 224, crop: int = 287, mean=None,
     return _normalise(x, mean or [0.485, 0.456, 0.406], std or [0.229, 0.224, 0.225])
 
 
-def train_transform(x: torch.Tensor, gen: torch.Generator, cfg) -> torch.Tensor:
+def train_transform(x: torch.Tensor, gen: torch.Generator, cfg, hed: HEDAugment = HEDAugment()) -> torch.Tensor:
     """PatchTCGA training augmentation on the device; ``cfg`` has image_size, crop_scale, jitter,
-    blur_sigma, mean, std. uint8 (B, 3, H, W) -> float (B, 3, S, S)."""
+    blur_sigma, mean, std. uint8 (B, 3, H, W) -> float (B, 3, S, S). ``hed``
+    (``HEDAugment.from_config(cfg)`` for ``--stain-augment``) jitters the stains first; off by default."""
+    x = hed(x, gen)  # x itself, nothing drawn, when off
     b, _, h, w = x.shape
     s = cfg.image_size
     boxes = sample_resized_crop(b, h, w, cfg.crop_scale, gen)  # (B, 4)

@@ -23,18 +23,21 @@ from common.config import config_from_dict, parse_config
 from common.logging import progress
 from common.metrics.classification import classification_metrics, roc_curve
 from common.errors import exit_on_user_error
+from common.stain import StainNormalizer, inference_stain, target_from_files
 from pretrain.config import EvalConfig, FinetuneConfig
 from pretrain.dataset import build_dataset, eval_transform, validate_dataset
 from pretrain.model import build_classifier
 
 
 @torch.no_grad()
-def predict(model, loader, amp, ctx, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (N, C) and labels (N,) of the whole split, gathered from all ranks."""
+def predict(model, loader, amp, ctx, cfg, stain: StainNormalizer = StainNormalizer()) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N, C) and labels (N,) of the whole split, gathered from all ranks;
+    patches stain normalised when ``stain`` has a target."""
     model.eval()
     probs, labels = [], []
     for images, y in progress(loader, desc="evaluate"):
-        x = eval_transform(images.to(ctx.device, non_blocking=True), cfg.image_size, cfg.eval_crop, cfg.mean, cfg.std)
+        x = eval_transform(stain(images.to(ctx.device, non_blocking=True)), cfg.image_size, cfg.eval_crop, cfg.mean,
+                           cfg.std)
         with amp.autocast():
             probs.append(model(x).float().softmax(1).cpu())
         labels.append(torch.as_tensor(y))
@@ -46,9 +49,9 @@ def predict(model, loader, amp, ctx, cfg) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
 
 
-def evaluate(model, loader, amp, ctx, cfg) -> dict:
+def evaluate(model, loader, amp, ctx, cfg, stain: StainNormalizer = StainNormalizer()) -> dict:
     """:func:`common.metrics.classification.classification_metrics` of the model on ``loader``."""
-    return classification_metrics(*predict(model, loader, amp, ctx, cfg))
+    return classification_metrics(*predict(model, loader, amp, ctx, cfg, stain))
 
 
 def load_run(path: str) -> tuple[torch.nn.Module, FinetuneConfig]:
@@ -82,13 +85,15 @@ def save_roc_png(probs: np.ndarray, labels: np.ndarray, path: Path, title: str) 
 
 def run(cfg: EvalConfig) -> dict:
     ctx = dist.setup(cfg.device)
+    target = target_from_files(cfg)  # a bad --stain-target stops here
     model, run_cfg = load_run(cfg.checkpoint)
+    stain = inference_stain(cfg, target, cfg.checkpoint)
     model = model.to(ctx.device)
     ds = build_dataset(run_cfg.dataset, cfg.data_root or run_cfg.data_root, cfg.split, run_cfg.split_file, run_cfg.fold)
     validate_dataset(ds, f"{cfg.data_root or run_cfg.data_root} [{cfg.split}]")
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=dist.ShardSampler(len(ds)), num_workers=cfg.num_workers,
                         pin_memory=ctx.device.type == "cuda")
-    probs, labels = predict(model, loader, MixedPrecision(ctx.device, cfg.precision), ctx, run_cfg)
+    probs, labels = predict(model, loader, MixedPrecision(ctx.device, cfg.precision), ctx, run_cfg, stain)
     metrics = classification_metrics(probs, labels)
     metrics.update(checkpoint=str(cfg.checkpoint), split=cfg.split)
     out = Path(cfg.output_dir or Path(cfg.checkpoint).parent / f"eval_{cfg.split}")

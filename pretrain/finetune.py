@@ -29,6 +29,7 @@ from common.checkpoint import load_training_state, unwrap_model
 from common.config import parse_config
 from common.logging import MetricLogger, progress, report_step, start_run
 from common.optim import patchtcga_scheduler, scaled_lr, split_decay_groups
+from common.stain import HEDAugment, StainNormalizer, training_stain
 from common.training import Checkpointer, TrainState, wrap_ddp, write_result
 from common.errors import exit_on_user_error
 from pretrain.config import FinetuneConfig
@@ -78,20 +79,21 @@ def demo_data(cfg: FinetuneConfig, ctx: dist.DistContext) -> None:
 # ============================================================================= loops
 def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, ctx, cfg: FinetuneConfig,
                     logger: MetricLogger, ckpt: Checkpointer, val_loader, steps_per_epoch: int,
-                    last_step: int) -> None:
-    """One pass (or up to ``last_step``); validates every ``eval_every`` updates and saves
-    ``last.pt`` every ``checkpoint_every``."""
+                    last_step: int, stain: StainNormalizer = StainNormalizer()) -> None:
+    """One pass (or up to ``last_step``) over patches stain normalised (``--stain-normalize``) and
+    augmented; validates every ``eval_every`` updates and saves ``last.pt`` every ``checkpoint_every``."""
     set_train_mode(model, cfg.linear_probe)
     epoch = state.epoch
     end = min((epoch + 1) * steps_per_epoch, last_step)
     trained = [p for p in model.parameters() if p.requires_grad]
+    hed = HEDAugment.from_config(cfg)
     bar = progress(total=steps_per_epoch, initial=state.steps_done(epoch, steps_per_epoch),
                    desc=f"epoch {epoch + 1}/{cfg.epochs}")
     for images, labels in loader:
         if state.step >= end:
             break
-        x = train_transform(images.to(ctx.device, non_blocking=True), make_generator(cfg.seed, ctx.rank, state.step),
-                            cfg)
+        images = stain(images.to(ctx.device, non_blocking=True))
+        x = train_transform(images, make_generator(cfg.seed, ctx.rank, state.step), cfg, hed)
         if cfg.channels_last and ctx.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
@@ -102,7 +104,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState,
         state.step += 1
         report_step(bar, logger, state.step, epoch, cfg.log_every, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
         if cfg.eval_every and state.step % cfg.eval_every == 0:
-            validate(unwrap_model(model), val_loader, amp, state, ctx, cfg, logger, ckpt)  # not DDP: uneven shards
+            # not DDP: uneven shards
+            validate(unwrap_model(model), val_loader, amp, state, ctx, cfg, logger, ckpt, stain)
             set_train_mode(model, cfg.linear_probe)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             ckpt.save(state)
@@ -110,9 +113,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState,
 
 
 def validate(model, loader, amp, state: TrainState, ctx, cfg: FinetuneConfig, logger: MetricLogger,
-             ckpt: Checkpointer) -> dict:
+             ckpt: Checkpointer, stain: StainNormalizer = StainNormalizer()) -> dict:
     """Validation metrics, logged; ``best.pt`` when the accuracy beats the best so far."""
-    metrics = evaluate(model, loader, amp, ctx, cfg)
+    metrics = evaluate(model, loader, amp, ctx, cfg, stain)
     logger.log(state.step, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="val",
                epoch=state.epoch)
     dist.print0(f"step {state.step}: val acc {metrics['acc']:.4f} bal {metrics['balanced_acc']:.4f} "
@@ -123,10 +126,10 @@ def validate(model, loader, amp, state: TrainState, ctx, cfg: FinetuneConfig, lo
 
 
 def final_test(model, loader, amp, state: TrainState, ctx, cfg: FinetuneConfig, logger: MetricLogger,
-              out: Path) -> dict:
+              out: Path, stain: StainNormalizer = StainNormalizer()) -> dict:
     """The test split with the weights of ``best.pt``."""
     load_training_state(out / "best.pt", model=model, restore_rng=False)
-    test = evaluate(model, loader, amp, ctx, cfg)
+    test = evaluate(model, loader, amp, ctx, cfg, stain)
     logger.log(state.step, {k: v for k, v in test.items() if k != "confusion_matrix"}, prefix="test")
     if ctx.is_main:
         confusion = f" confusion {test['confusion_matrix']}" if cfg.num_classes <= 4 else ""
@@ -139,6 +142,7 @@ def final_test(model, loader, amp, state: TrainState, ctx, cfg: FinetuneConfig, 
 def main(cfg: FinetuneConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
+    stain, stain_state = training_stain(cfg)  # a bad --stain-target stops the run before anything else
     if cfg.demo:
         demo_data(cfg, ctx)
     out = start_run(cfg, "pretrain finetune", ctx)
@@ -156,7 +160,8 @@ def main(cfg: FinetuneConfig) -> dict:
     amp = MixedPrecision(ctx.device, cfg.precision)
 
     state = TrainState()
-    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp)
+    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp,
+                        extra=stain_state)
     ckpt.resume(state)
     logger = MetricLogger(out)
     t0 = time.time()
@@ -166,14 +171,14 @@ def main(cfg: FinetuneConfig) -> dict:
         state.epoch = epoch
         sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
         train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt,
-                        eval_loaders["val"], steps_per_epoch, last_step)
+                        eval_loaders["val"], steps_per_epoch, last_step, stain)
         state.epoch = epoch + int(state.epoch_finished(epoch, steps_per_epoch))  # not when max_updates stopped it
-        validate(model, eval_loaders["val"], amp, state, ctx, cfg, logger, ckpt)
+        validate(model, eval_loaders["val"], amp, state, ctx, cfg, logger, ckpt, stain)
         ckpt.save(state)
     if frozen is not None:
         assert_unchanged(model, frozen)
         dist.print0("linear probe: backbone weights and BN statistics unchanged")
-    test = final_test(model, eval_loaders["test"], amp, state, ctx, cfg, logger, out)
+    test = final_test(model, eval_loaders["test"], amp, state, ctx, cfg, logger, out, stain)
     logger.close()
     result = {"best_val_acc": state.best, "test": test, "steps": state.step, "seconds": time.time() - t0,
               "backbone": cfg.backbone or "random init", "run_dir": str(out)}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.config import BaseConfig, default_cache_dir
+from common.config import (BaseConfig, StainAugmentConfig, StainNormalizeConfig, StainTrainConfig,
+                           default_cache_dir)
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -17,11 +18,11 @@ def demo_root() -> str:
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(StainAugmentConfig):
     """Device augmentation of training crops (PatchTCGA's segPANDA branch, reference §7), in its
     order: colour jitter p 0.8 and Gaussian blur p 0.5 of the whole tile (image only), then random
-    crop and H/V flips replayed on the mask. ``TrainConfig`` inherits these fields, so they are
-    command-line flags too."""
+    crop and H/V flips replayed on the mask; with ``--stain-augment hed`` HED jitter of the whole
+    tile first. ``TrainConfig`` inherits these fields, so they are command-line flags too."""
 
     crop_size: int = 224
     flip_prob: float = 0.5  # horizontal and vertical, each
@@ -60,7 +61,7 @@ class ModelConfig(BaseConfig):
 
 
 @dataclass
-class TrainConfig(ModelConfig, AugmentConfig):
+class TrainConfig(ModelConfig, AugmentConfig, StainTrainConfig):
     """Fine-tune a segmentation model on segPANDA200 (random crops, CE, AdamW, warm-up + cosine)."""
 
     output_dir: str = "runs/segpanda"
@@ -121,7 +122,7 @@ class TrainConfig(ModelConfig, AugmentConfig):
 
 
 @dataclass
-class EvalConfig(ModelConfig):
+class EvalConfig(ModelConfig, StainNormalizeConfig):
     """Evaluate a checkpoint on a split: mIoU (both variants), Dice, pixel accuracy, overlays."""
 
     output_dir: str = "outputs/segpanda"

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from common.augment import (apply_blur, apply_color_jitter, apply_crop, apply_flip, blur_kernel_size,
                             sample_color_jitter, sample_crop, sample_flags)
 from common.errors import UserError
+from common.stain import HEDAugment, HEDParams
 from segpanda.config import AugmentConfig
 
 CLASS_NAMES = ("background", "stroma", "benign", "gleason3", "gleason4", "gleason5")
@@ -155,10 +156,12 @@ class AugmentParams:
     jitter_params: object  # common.augment.ColorJitterParams
     blur: torch.Tensor  # (B,) bool
     sigma: torch.Tensor  # (B,) float64
+    hed: HEDParams | None = None  # --stain-augment hed; None: no stain step
 
 
 def sample_augment(n: int, image_size: tuple[int, int], cfg: AugmentConfig, gen: torch.Generator) -> AugmentParams:
-    """All random parameters of a batch, drawn from ``gen`` (CPU) in a fixed order."""
+    """All random parameters of a batch, drawn from ``gen`` (CPU) in a fixed order; the HED
+    parameters last (none drawn without ``--stain-augment``), so the others do not depend on it."""
     corners = sample_crop(n, image_size, (cfg.crop_size, cfg.crop_size), gen)
     hflip, vflip = sample_flags(n, cfg.flip_prob, gen), sample_flags(n, cfg.flip_prob, gen)
     jitter = sample_flags(n, cfg.jitter_prob, gen)
@@ -166,7 +169,8 @@ def sample_augment(n: int, image_size: tuple[int, int], cfg: AugmentConfig, gen:
     blur = sample_flags(n, cfg.blur_prob, gen)
     lo, hi = cfg.blur_sigma
     sigma = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
-    return AugmentParams(corners, hflip, vflip, jitter, jitter_params, blur, sigma)
+    hed = HEDAugment.from_config(cfg).sample(n, gen)
+    return AugmentParams(corners, hflip, vflip, jitter, jitter_params, blur, sigma, hed)
 
 
 def apply_geometry(x: torch.Tensor, params: AugmentParams, crop_size: int) -> torch.Tensor:
@@ -188,11 +192,12 @@ def train_transform(images: torch.Tensor, masks: torch.Tensor, params: AugmentPa
     """uint8 images (B, 3, H, W) and masks (B, H, W) on the device -> normalised float crops
     (B, 3, S, S) and int64 targets (B, S, S).
 
-    PatchTCGA's order: colour jitter and blur of the whole tile (its PIL transforms), then the
+    PatchTCGA's order ([HED jitter of the whole tile with ``--stain-augment hed``]): colour jitter
+    and blur of the whole tile (its PIL transforms), then the
     random crop and flips (its kornia ops, replayed on the mask). So the contrast/saturation means
     are the tile's and the blur reaches across the crop border. The blur kernel is fixed by the
     sigma range (not by the batch's largest sigma), so a sample's blur does not depend on its batch."""
-    x = images.float()
+    x = HEDAugment.from_config(cfg).apply(images.float(), params.hed)
     jit = params.jitter.nonzero().flatten()
     if jit.numel():
         sub = type(params.jitter_params)(*(getattr(params.jitter_params, f)[jit] for f in

@@ -26,6 +26,7 @@ from common.metrics.miou import ConfusionMatrix
 from common.sliding_window import sliding_window_inference
 from common.config import BaseConfig
 from common.errors import exit_on_user_error
+from common.stain import StainNormalizer, inference_stain, target_from_files
 from segpanda.config import EvalConfig, ModelConfig
 from segpanda.dataset import CLASS_NAMES, SegPandaDataset, eval_transform, find_samples, validate_samples
 from segpanda.model import build_model, load_segmentation_weights
@@ -52,16 +53,18 @@ def predict(model, images: torch.Tensor, amp: MixedPrecision, crop_size: int, sw
 def evaluate(model, loader, amp: MixedPrecision, ctx: dist.DistContext, num_classes: int, crop_size: int,
              mean: list[float], std: list[float], ignore_index: int = -1, sw_batch_size: int = 8,
              overlap: float = 0.25, overlay_dir: Path | None = None, num_overlays: int = 0,
-             desc: str = "evaluate") -> dict:
-    """Metrics over every tile of the loader's shard, reduced across processes. Rank 0 writes up to
-    ``num_overlays`` overlay PNGs of its first tiles into ``overlay_dir``."""
+             desc: str = "evaluate", stain: StainNormalizer = StainNormalizer()) -> dict:
+    """Metrics over every tile of the loader's shard, reduced across processes; each tile stain
+    normalised (as a whole) when ``stain`` has a target. Rank 0 writes up to ``num_overlays``
+    overlay PNGs of its first tiles into ``overlay_dir``."""
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index if ignore_index >= 0 else None, device=ctx.device)
     written = 0
     for images, masks in progress(loader, desc=desc):
         images = images.to(ctx.device, non_blocking=True)
         masks = masks.to(ctx.device, non_blocking=True).long()
-        pred = predict(model, eval_transform(images, mean, std), amp, crop_size, sw_batch_size, overlap).argmax(1)
+        x = eval_transform(stain(images), mean, std)
+        pred = predict(model, x, amp, crop_size, sw_batch_size, overlap).argmax(1)
         cm.update(pred, masks)
         if overlay_dir is not None and ctx.is_main and written < num_overlays:
             for b in range(min(len(images), num_overlays - written)):
@@ -137,7 +140,9 @@ def main(cfg: EvalConfig) -> dict:
     ctx = dist.setup(cfg.device)
     if not cfg.checkpoint:
         raise SystemExit("--checkpoint is required (a run's best.pt or the released DeepLabv3 .pt)")
+    target = target_from_files(cfg)  # a bad --stain-target stops here
     state = load_file(cfg.checkpoint)
+    stain = inference_stain(cfg, target, state)
     cfg = apply_checkpoint_config(cfg, state)
     model = build_model(cfg)
     load_segmentation_weights(model, state)
@@ -147,7 +152,8 @@ def main(cfg: EvalConfig) -> dict:
     out = Path(cfg.output_dir)
     metrics = evaluate(model, loader, MixedPrecision(ctx.device, cfg.precision), ctx, cfg.num_classes, cfg.crop_size,
                        cfg.image_mean, cfg.image_std, cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap,
-                       overlay_dir=out / "overlays", num_overlays=cfg.num_overlays, desc=f"evaluate {cfg.split}")
+                       overlay_dir=out / "overlays", num_overlays=cfg.num_overlays, desc=f"evaluate {cfg.split}",
+                       stain=stain)
     if ctx.is_main:
         print(f"{cfg.split}: {len(loader.dataset)} tiles\n{format_metrics(metrics)}")
         atomic_write_text(out / f"metrics_{cfg.split}.json", json.dumps(metrics, indent=2) + "\n")

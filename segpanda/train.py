@@ -31,6 +31,7 @@ from common.config import parse_config
 from common.logging import MetricLogger, progress, report_step, start_run
 from common.optim import patchtcga_scheduler, scaled_lr, split_decay_groups
 from common.pretrained import IMAGENET, PretrainedError, apply_initialisation, resolve_initialisation
+from common.stain import StainNormalizer, training_stain
 from common.training import Checkpointer, TrainState, wrap_ddp, write_result
 from common.errors import exit_on_user_error
 from segpanda.config import TrainConfig
@@ -115,9 +116,9 @@ def prepare_demo_data(cfg: TrainConfig, ctx: dist.DistContext) -> None:
 # ============================================================================= loops
 def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState, ctx, cfg: TrainConfig,
                     logger: MetricLogger, ckpt: Checkpointer, val_loader, tile: tuple[int, int],
-                    steps_per_epoch: int, last_step: int) -> None:
-    """One pass (or up to ``last_step``); validates every ``eval_every`` updates and saves
-    ``last.pt`` every ``checkpoint_every``."""
+                    steps_per_epoch: int, last_step: int, stain: StainNormalizer = StainNormalizer()) -> None:
+    """One pass (or up to ``last_step``) over tiles stain normalised (``--stain-normalize``) and
+    augmented; validates every ``eval_every`` updates and saves ``last.pt`` every ``checkpoint_every``."""
     model.train()
     weight = torch.tensor(cfg.class_weights, device=ctx.device) if cfg.class_weights else None
     epoch = state.epoch
@@ -127,7 +128,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState,
     for images, masks in loader:
         if state.step >= end:
             break
-        images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
+        images, masks = stain(images.to(ctx.device, non_blocking=True)), masks.to(ctx.device, non_blocking=True)
         params = sample_augment(len(images), tile, cfg, make_generator(cfg.seed, ctx.rank, state.step))
         x, y = train_transform(images, masks, params, cfg, cfg.image_mean, cfg.image_std)
         if cfg.channels_last and ctx.device.type == "cuda":
@@ -141,7 +142,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState,
         report_step(bar, logger, state.step, epoch, cfg.log_every, loss=loss.item(), grad_norm=grad_norm,
                     lr=optimizer.param_groups[0]["lr"])
         if cfg.eval_every and state.step % cfg.eval_every == 0:
-            validate(unwrap_model(model), val_loader, amp, state, ctx, cfg, logger, ckpt)  # not DDP: uneven shards
+            # not DDP: uneven shards
+            validate(unwrap_model(model), val_loader, amp, state, ctx, cfg, logger, ckpt, stain)
             model.train()
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             ckpt.save(state)
@@ -149,10 +151,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, amp, state: TrainState,
 
 
 def validate(model, loader, amp, state: TrainState, ctx, cfg: TrainConfig, logger: MetricLogger,
-             ckpt: Checkpointer) -> dict:
+             ckpt: Checkpointer, stain: StainNormalizer = StainNormalizer()) -> dict:
     """Validation metrics, logged; ``best.pt`` when ``best_metric`` beats the best so far."""
     metrics = evaluate(model, loader, amp, ctx, cfg.num_classes, cfg.crop_size, cfg.image_mean, cfg.image_std,
-                       cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap, desc="validate")
+                       cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap, desc="validate", stain=stain)
     logger.log(state.step, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="val",
                epoch=state.epoch)
     dist.print0(f"step {state.step}: val mIoU {metrics['patchtcga_miou_macro']:.4f} (PatchTCGA macro) "
@@ -163,14 +165,14 @@ def validate(model, loader, amp, state: TrainState, ctx, cfg: TrainConfig, logge
 
 
 def final_test(model, loader, amp, state: TrainState, ctx, cfg: TrainConfig, logger: MetricLogger,
-               out: Path) -> dict:
+               out: Path, stain: StainNormalizer = StainNormalizer()) -> dict:
     """Evaluate ``best.pt`` (else the current weights) on the test split; overlays in ``out/overlays``."""
     best_path = out / "best.pt"
     if best_path.is_file():
         model.load_state_dict(load_file(best_path)["model"])
     metrics = evaluate(model, loader, amp, ctx, cfg.num_classes, cfg.crop_size, cfg.image_mean, cfg.image_std,
                        cfg.ignore_index, cfg.sw_batch_size, cfg.sw_overlap, overlay_dir=out / "overlays",
-                       num_overlays=cfg.num_overlays, desc="test")
+                       num_overlays=cfg.num_overlays, desc="test", stain=stain)
     logger.log(state.step, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="test")
     if ctx.is_main:
         print(f"test ({len(loader.dataset)} tiles, {'best.pt' if best_path.is_file() else 'last weights'}):\n"
@@ -182,6 +184,7 @@ def final_test(model, loader, amp, state: TrainState, ctx, cfg: TrainConfig, log
 def main(cfg: TrainConfig) -> dict:
     ctx = dist.setup(cfg.device)
     dist.seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
+    stain, stain_state = training_stain(cfg)  # a bad --stain-target stops the run before anything else
     model, cfg.initialisation = build_model_for(cfg, ctx)  # first: a weights problem stops the run before any data
     if cfg.demo:
         prepare_demo_data(cfg, ctx)
@@ -195,7 +198,8 @@ def main(cfg: TrainConfig) -> dict:
     amp = MixedPrecision(ctx.device, cfg.precision)
 
     state = TrainState()
-    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp)
+    ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, scheduler=scheduler, amp=amp,
+                        extra=stain_state)
     ckpt.resume(state)
     logger = MetricLogger(out)
     for epoch in range(state.epoch, cfg.epochs):
@@ -205,14 +209,14 @@ def main(cfg: TrainConfig) -> dict:
         sampler.set_epoch(epoch, skip=state.samples_done(epoch, steps_per_epoch, cfg.batch_size))
         t0 = time.time()
         train_one_epoch(ddp, train_loader, optimizer, scheduler, amp, state, ctx, cfg, logger, ckpt, val_loader,
-                        tile, steps_per_epoch, last_step)
+                        tile, steps_per_epoch, last_step, stain)
         just_validated = cfg.eval_every and state.step % cfg.eval_every == 0
         state.epoch = epoch + int(state.epoch_finished(epoch, steps_per_epoch))  # not when max_updates stopped it
         if not just_validated:
-            validate(model, val_loader, amp, state, ctx, cfg, logger, ckpt)
+            validate(model, val_loader, amp, state, ctx, cfg, logger, ckpt, stain)
         ckpt.save(state)
         dist.print0(f"epoch {epoch + 1}/{cfg.epochs} done at step {state.step} [{time.time() - t0:.0f}s]")
-    result = final_test(model, build_eval_loader(cfg, ctx, "test"), amp, state, ctx, cfg, logger, out)
+    result = final_test(model, build_eval_loader(cfg, ctx, "test"), amp, state, ctx, cfg, logger, out, stain)
     result.update(best_val=state.best, run_dir=str(out))
     logger.close()
     write_result(out, result, ctx)

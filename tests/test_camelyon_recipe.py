@@ -105,7 +105,7 @@ def test_main_steps_the_schedule_once_per_epoch_and_validates_every_epoch(tmp_pa
     monkeypatch.setattr(train, "build_model_for", lambda cfg, ctx: (tiny, "tiny test model"))  # (model, record)
     evaluations = []
 
-    def fake_evaluate(model, loader, amp, ctx):
+    def fake_evaluate(model, loader, amp, ctx, **kwargs):
         evaluations.append(1)
         return {"acc": 0.5, "loss": 0.7, "patches": 9.0, "positive_fraction": 0.5}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from common import dist
 from common.config import BaseConfig, build_parser, field_choices, field_comments
@@ -106,6 +107,8 @@ def sandbox(tmp_path, monkeypatch):
     (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 20)
     (tmp_path / "random.tif").write_bytes(bytes(range(256)) * 20)
     (tmp_path / "short_rows.csv").write_text("slide,1,2\n")  # a patch list needs 12 columns
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "white.png")  # no tissue: not a stain target
+    Image.new("L", (32, 32), 120).save(tmp_path / "grey.png")  # one channel: not a stain target
     return tmp_path
 
 
@@ -214,18 +217,28 @@ def test_help_describes_every_flag_with_default_and_choices(script, sandbox, mon
 # choices, a missing, corrupt or unreadable input
 NOT_A_CHECKPOINT = "random.pt: not a readable PyTorch checkpoint"
 NOT_A_SLIDE = "random.tif: OpenSlide cannot read this file"
+NO_STAIN_TARGET = "needs --stain-target FILE [FILE ...]"
+WHITE_TARGET = "white.png: no tissue to fit stain statistics on"
+GREY_TARGET = "grey.png: 1 channel(s) of grey (mode L)"
 BAD_ARGUMENTS = {
     "camelyon/bench.py": [(["--slide", f"{MISSING}.tif"], f"{MISSING}.tif: slide not found"),
                           (["--slide", "random.tif"], NOT_A_SLIDE)],
     "camelyon/demo.py": [(["--size", "10"], "--size: expected 2 arguments"),
                          (["--sizes", "1", "2"], "--sizes 1 2: unknown argument")],
     "camelyon/eval.py": [(["--protocol", "monai"], "--protocol must be official or bundle, got 'monai'"),
+                         (["--patch-list", MISSING, "--stain-normalize", "macenko", "--stain-target", f"{MISSING}.png"],
+                          f"{MISSING}.png: image not found"),
                          (["--detections", MISSING, "--ground-truth", MISSING],
                           f"{MISSING}: detections folder not found")],
     "camelyon/infer.py": [(["--mode", "tiled"], "--mode must be dense or patch, got 'tiled'"),
                           (["--export", "xml"], "--export must be geojson or asap, got 'xml'"),
                           (["--slides", MISSING, "--checkpoint", f"{MISSING}.pt"], f"{MISSING}: no slide or folder"),
-                          (["--slides", "random.tif", "--checkpoint", "random.pt"], NOT_A_CHECKPOINT)],
+                          (["--slides", "random.tif", "--checkpoint", "random.pt"], NOT_A_CHECKPOINT),
+                          (["--slides", MISSING, "--checkpoint", "random.pt", "--stain-normalize", "reinhard",
+                            "--stain-target", "grey.png"], GREY_TARGET),
+                          (["--slides", MISSING, "--checkpoint", "random.pt", "--stain-target", "white.png"],
+                           "--stain-target white.png: needs --stain-normalize macenko or reinhard"),
+                          (["--stain-fit", "region"], "--stain-fit must be tile or slide, got 'region'")],
     "camelyon/large_slide.py": [(["--root"], "--root: expected one argument"),
                                 (["--sizes", "1", "2"], "--sizes 1 2: unknown argument")],
     "camelyon/prepare.py": [(["tissue-mask"], "tissue-mask: unknown command; expected tissue-masks or patch-list"),
@@ -237,10 +250,15 @@ BAD_ARGUMENTS = {
                            f"{MISSING}/training.csv: patch list not found"),
                           (["--config", f"{MISSING}.json"], f"{MISSING}.json: config file not found"),
                           (["--train-list", "short_rows.csv", "--pretrained", "none"],
-                           "short_rows.csv:1: expected 12 columns (slide,x,y,9 labels), got 3")],
+                           "short_rows.csv:1: expected 12 columns (slide,x,y,9 labels), got 3"),
+                          (["--stain-augment", "hsv"], "--stain-augment must be none or hed, got 'hsv'"),
+                          (["--stain-normalize", "macenko"], f"--stain-normalize macenko: {NO_STAIN_TARGET}"),
+                          (["--stain-normalize", "macenko", "--stain-target", "white.png"], WHITE_TARGET)],
     "nuclick/bench.py": [(["--device", "gpu"], "--device must be auto, cpu or cuda, got 'gpu'")],
     "nuclick/eval.py": [(["--split", "test"], "--split must be training or validation, got 'test'"),
-                        (["--checkpoint", "random.pt"], NOT_A_CHECKPOINT)],
+                        (["--checkpoint", "random.pt"], NOT_A_CHECKPOINT),
+                        (["--checkpoint", "random.pt", "--stain-normalize", "macenko", "--stain-target", "white.png"],
+                         WHITE_TARGET)],
     "nuclick/export.py": [(["--formats", "tflite"], "--formats must be torchscript or onnx, got 'tflite'"),
                           (["--checkpoint", f"{MISSING}.pt"], f"{MISSING}.pt: checkpoint not found")],
     "nuclick/infer.py": [(["--axis-order", "xy"], "--axis-order must be '', hw or wh, got 'xy'"),
@@ -249,15 +267,21 @@ BAD_ARGUMENTS = {
     "nuclick/prepare.py": [(["--splits", "Valid"], "--splits must be Train or Test, got 'Valid'"),
                            (["--input", MISSING, "--output", "out"], f"{MISSING}: input folder not found")],
     "nuclick/train.py": [(["--axis-order", "xy"], "--axis-order must be hw or wh, got 'xy'"),
-                         (["--data-root", MISSING], f"{MISSING}/dataset.json: data list not found")],
+                         (["--data-root", MISSING], f"{MISSING}/dataset.json: data list not found"),
+                         (["--stain-normalize", "reinhard"], f"--stain-normalize reinhard: {NO_STAIN_TARGET}"),
+                         (["--stain-normalize", "reinhard", "--stain-target", "white.png"], WHITE_TARGET)],
     "pretrain/bench.py": [(["--methods", "swav"], "--methods must be simclr, moco, byol, dino or mae, got 'swav'")],
     "pretrain/convert.py": [(["random.pt", "--out", "x.pt"], NOT_A_CHECKPOINT),
                             (["--out", "x.pt"], "checkpoint: required, missing")],
     "pretrain/demo.py": [(["--device", "gpu"], "--device must be auto, cpu or cuda, got 'gpu'")],
-    "pretrain/eval.py": [(["--checkpoint", f"{MISSING}.pt"], f"{MISSING}.pt: checkpoint not found")],
+    "pretrain/eval.py": [(["--checkpoint", f"{MISSING}.pt"], f"{MISSING}.pt: checkpoint not found"),
+                         (["--checkpoint", "random.pt", "--stain-normalize", "macenko", "--stain-target", "grey.png"],
+                          GREY_TARGET)],
     "pretrain/export.py": [([MISSING, "--out", "x.pt"], f"{MISSING}: no checkpoint")],
     "pretrain/finetune.py": [(["--dataset", "pcam"], "--dataset must be pcam200, pcam_h5 or ptcga200, got 'pcam'"),
-                             (["--data-root", MISSING], f"{MISSING}/train: PCam200 split folder not found")],
+                             (["--data-root", MISSING], f"{MISSING}/train: PCam200 split folder not found"),
+                             (["--stain-normalize", "macenko"], f"--stain-normalize macenko: {NO_STAIN_TARGET}"),
+                             (["--stain-normalize", "macenko", "--stain-target", "white.png"], WHITE_TARGET)],
     "pretrain/pack.py": [([MISSING, "--out", "packed"], f"{MISSING}: PTCGA200 folder not found"),
                          ([MISSING, "--out", "packed", "--layout", "png"], "--layout must be ptcga200, pcam200")],
     "pretrain/ssl_demo.py": [(["--per-class", "3"], "--root: required, missing")],
@@ -266,10 +290,14 @@ BAD_ARGUMENTS = {
     "segpanda/bench.py": [(["--models", "deeplabv3"], "--models: expected MODEL:BACKBONE, got 'deeplabv3'"),
                           (["--models", "deeplabv3:vit_small_patch16_224"], "does not fit model 'deeplabv3'")],
     "segpanda/eval.py": [(["--split", "valid"], "--split must be train, val or test, got 'valid'"),
-                         (["--checkpoint", "random.pt"], NOT_A_CHECKPOINT)],
+                         (["--checkpoint", "random.pt"], NOT_A_CHECKPOINT),
+                         (["--checkpoint", "random.pt", "--stain-normalize", "macenko", "--stain-target", "white.png"],
+                          WHITE_TARGET)],
     "segpanda/train.py": [(["--model", "unet"], "--model must be deeplabv3, vit_upernet or vit_progressive"),
                           (["--data-root", MISSING, "--pretrained", "none"],
-                           f"{MISSING}/train: split folder not found")],
+                           f"{MISSING}/train: split folder not found"),
+                          (["--stain-normalize", "macenko"], f"--stain-normalize macenko: {NO_STAIN_TARGET}"),
+                          (["--stain-normalize", "macenko", "--stain-target", "grey.png"], GREY_TARGET)],
     "spleen/bench.py": [(["--sw-mode", "linear"], "--sw-mode must be constant or gaussian, got 'linear'")],
     "spleen/eval.py": [(["--predictions", MISSING, "--labels", MISSING], f"{MISSING}: folder not found")],
     "spleen/infer.py": [(["--images", f"{MISSING}.nii.gz", "--checkpoint", "random.pt"],

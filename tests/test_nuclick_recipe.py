@@ -116,9 +116,9 @@ def test_main_keeps_lr_constant_and_passes_the_guidance_settings(tmp_path, monke
     seen = {"train": [], "valid": []}
     real_batch = train.train_batch
 
-    def recording_batch(batch, gen, aug_cfg, guide_cfg, device):
+    def recording_batch(batch, gen, aug_cfg, guide_cfg, device, **kwargs):
         seen["train"].append((aug_cfg, guide_cfg))
-        return real_batch(batch, gen, aug_cfg, guide_cfg, device)
+        return real_batch(batch, gen, aug_cfg, guide_cfg, device, **kwargs)
 
     monkeypatch.setattr(train, "train_batch", recording_batch)
 
