@@ -15,7 +15,7 @@ from common import dist
 from common.amp import MixedPrecision
 from common.metrics.miou import ConfusionMatrix
 from segpanda.eval import PALETTE, evaluate, format_metrics, make_eval_loader, overlay_panel, predict
-from tests.common_testutils import run_workers
+from common_testutils import run_workers
 
 # target / prediction of a 3-class 2x4 image, hand-counted
 TARGET = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 0]])
