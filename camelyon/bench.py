@@ -56,7 +56,8 @@ class BenchConfig(BaseConfig):
     large_goal: float = 1.2  # --large: the goal for large / small time and peak RSS
     large_goal_rss_mb: float = 2048  # --large: the goal for the large slide's peak RSS
     shapes: bool = False  # whole slides of several tissue shapes: dense, patch, naive, MONAI, pure forward
-    shape_kinds: list[str] = field(default_factory=list)  # --shapes: only these (default: all)
+    shape_kinds: list[str] = field(default_factory=list)  # --shapes: only these ways (default: all)
+    shape_names: list[str] = field(default_factory=list)  # --shapes: only these slides (islands ellipse strips ring)
 
     def validate(self) -> None:
         if self.large_mode not in ("dense", "patch"):
@@ -493,6 +494,8 @@ def tissue_shapes(cfg: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="camelyon_bench_shapes_") as tmp:
         checkpoint = _random_bundle_checkpoint(Path(tmp) / "model.pt")
         for name, slide in slides.items():
+            if cfg.shape_names and name not in cfg.shape_names:
+                continue
             results[name] = {k: _shape_in_fresh_process(k, slide, checkpoint, Path(tmp) / f"{name}_{k}", cfg)
                              for k in (cfg.shape_kinds or kinds)}
             r = results[name]

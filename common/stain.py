@@ -599,5 +599,7 @@ def inference_stain(cfg, fitted: StainTarget | None, checkpoint: Any) -> StainNo
         return StainNormalizer(fitted)
     name = "the checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
+        if getattr(cfg, "stain_normalize", "none") == "none" and not Path(checkpoint).is_file():
+            return StainNormalizer()  # nothing to normalise and no stored target to warn about
         name, checkpoint = str(checkpoint), load_file(checkpoint)
     return StainNormalizer(resolve_stain_target(cfg, checkpoint, name))
