@@ -135,9 +135,9 @@ def test_dense_tta_is_the_mean_over_transformed_windows_with_their_context(textu
     """Independent evidence: for a few cells, the 672-px window around the cell's patch, each of
     the 8 dihedral transforms of it through the network, the centre output, averaged."""
     tm = compute_tissue_mask(textured_slide)
-    dense = dense_mode_map(random_model, str(textured_slide), tm, CPU, FP32, tile_cells=3, workers=0,
+    dense = dense_mode_map(random_model, str(textured_slide), tm, CPU, FP32, tile_cells=8, workers=0,
                            tta=parse_tta("flips"))
-    plain = dense_mode_map(random_model, str(textured_slide), tm, CPU, FP32, tile_cells=3, workers=0)
+    plain = dense_mode_map(random_model, str(textured_slide), tm, CPU, FP32, tile_cells=8, workers=0)
     assert np.abs(dense - plain)[tm.mask].max() > 1e-5  # the augmentation changes the map
     for r, c in [(4, 4), (5, 9), (9, 10)]:
         top, left = cell_top_left(np.array([r]), np.array([c]), tm.ratio)
