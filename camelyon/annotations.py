@@ -388,14 +388,16 @@ def read_geojson(path: str | os.PathLike) -> Annotation:
 
 
 def write_geojson(path: str | os.PathLike, points=None, polygons=None, probabilities=None,
-                  classification: str = "Tumor", color: Sequence[int] = (200, 0, 0)) -> None:
+                  classification: str = "Tumor", color: Sequence[int] = (200, 0, 0),
+                  measurements: Sequence[dict] | None = None) -> None:
     """Write points and/or polygons as a QuPath-readable GeoJSON FeatureCollection (atomic).
 
     ``points``: (N, 2) level-0 (x, y), written as Point features; with
     ``probabilities`` (N,) each gets ``measurements: {"probability": p}``.
     ``polygons``: a sequence of (N, 2) arrays (classified ``classification``) or
     an :class:`Annotation` (positives as ``classification``, negatives as
-    ``Exclusion``), written as Polygon features with closed rings.
+    ``Exclusion``), written as Polygon features with closed rings; ``measurements`` (one dict per
+    polygon of a sequence) become each polygon's QuPath measurements.
     """
     def props(name: str, rgb) -> dict:
         return {"objectType": "annotation",
@@ -417,12 +419,17 @@ def write_geojson(path: str | os.PathLike, points=None, polygons=None, probabili
         groups = [(polygons.positive, classification, color), (polygons.negative, "Exclusion", (0, 0, 180))]
     else:
         groups = [(list(polygons or []), classification, color)]
-    for polys, name, rgb in groups:
-        for poly in polys:
+        if measurements is not None and len(measurements) != len(groups[0][0]):
+            raise ValueError(f"{len(measurements)} measurements for {len(groups[0][0])} polygons")
+    for g, (polys, name, rgb) in enumerate(groups):
+        for k, poly in enumerate(polys):
             ring = _as_polygon(poly)
             ring = np.vstack([ring, ring[:1]]) if not np.array_equal(ring[0], ring[-1]) else ring
+            p = props(name, rgb)
+            if measurements is not None and g == 0:
+                p["measurements"] = {key: float(v) for key, v in measurements[k].items()}
             feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring.tolist()]},
-                          "properties": props(name, rgb)})
+                          "properties": p})
     atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": feats}) + "\n")
 
 

@@ -158,3 +158,91 @@ class EvalConfig(StainNormalizeConfig, BaseConfig):
         if self.protocol == "bundle" and self.stem_chars:
             raise ConfigError("--stem-chars is an official-protocol quirk; the bundle protocol matches "
                              "<slide>.npy to <slide>.tif")
+
+
+def mil_demo_root() -> str:
+    return str(default_cache_dir("camelyon_mil_demo"))
+
+
+@dataclass
+class FeatureConfig(BaseConfig):
+    """Tile features for slide-level MIL: tissue tiles of each slide embedded by a frozen backbone, one
+    HDF5 file per slide (``features`` N x D float16, ``coords`` N x 2 level-0 x, y)."""
+
+    slides: str = ""  # a slide file or a folder of slides
+    output_dir: str = "runs/camelyon_features"  # <slide>.h5 files, .finished/ records, features.jsonl
+    # camelyon: this repo's patch classifier, pooled 512-d | resnet18 / resnet50: torchvision (--weights: a
+    # torchvision, timm or self-supervised checkpoint; none: random weights) | resnet50-trunc: CLAM's layer3 1024-d |
+    # import: any ResNet file common/backbones.py reads | a foundation model of common/foundation.py (weights needed)
+    backbone: str = "resnet18"  # camelyon | resnet18 | resnet50 | resnet50-trunc | import | uni, virchow2, phikon, ...
+    weights: str = ""  # local weights file (or HuggingFace folder for phikon); never downloaded
+    tile_size: int = 0  # tile side in pixels at tile_mpp; 0 = the backbone's (224; 256 for prov-gigapath, cropped to 224)
+    tile_mpp: float = 0.5  # µm/px the tiles are read at (20x); 0 = the backbone's own recommendation
+    slide_mpp: float = 0.0  # µm/px of the slides' level 0; 0 = each slide's header
+    mpp_tolerance: float = 0.1  # slides this close (relative) to tile_mpp are read at level 0 as they are
+    min_tissue: float = 0.25  # a tile is kept when at least this fraction of its 4 x 4 mask cells is tissue
+    max_tiles: int = 0  # per slide; 0 = all; else a seeded random subset (eva: 1,000 or 10,000)
+    batch_size: int = 64  # tiles per forward pass
+    num_workers: int = 2
+    overwrite: bool = False  # redo slides finished before with the same backbone, weights and settings
+
+    def validate(self) -> None:
+        if 0 < self.tile_size < 16 or self.tile_size < 0 or self.tile_mpp < 0 or self.slide_mpp < 0:
+            raise ConfigError("--tile-size must be 0 (the backbone's) or >= 16, --tile-mpp and --slide-mpp >= 0")
+        if not 0 < self.min_tissue <= 1:
+            raise ConfigError(f"--min-tissue must be in (0, 1], got {self.min_tissue}")
+        if self.max_tiles < 0 or self.batch_size < 1:
+            raise ConfigError("--max-tiles must be >= 0 and --batch-size >= 1")
+
+
+@dataclass
+class MILConfig(BaseConfig):
+    """Slide-level diagnosis by attention MIL (ABMIL, CLAM-SB) on tile features; defaults from CLAM's
+    README command (../shared/reference/foundation-mil.md B2)."""
+
+    output_dir: str = "runs/camelyon_mil"
+    features: str = ""  # folder of <slide>.h5 feature files (camelyon/features.py)
+    # labels, one of: Camelyon16 testing/reference.csv (no header: name, Tumor|Normal, ...) for test_* slides
+    # together with --annotations for the training slides, or a CSV of slide,label (label 0/1 or normal/tumor)
+    labels: str = ""  # CSV slide,label (header optional)
+    reference_csv: str = ""  # Camelyon16 testing/reference.csv
+    annotations: str = ""  # folder of lesion annotations (<slide>.xml/.json/.geojson): present = tumour
+    split: Literal["official", "folds"] = "official"  # official: test_* slides are the test set | folds: CV only
+    folds: int = 5  # k-fold cross-validation on the training slides (stratified); each fold validates on 1/k
+    model: Literal["abmil", "clam_sb"] = "clam_sb"  # gated-attention MIL (Ilse 2018) | CLAM single branch
+    hidden: list[int] = field(default_factory=lambda: [512, 256])  # CLAM "small": D -> 512 -> attention 256
+    dropout: float = 0.25  # after the first layer; also switches on CLAM's dropout 0.25 in the attention branches
+    k_sample: int = 8  # CLAM: top/bottom attended tiles per bag for the instance loss
+    bag_weight: float = 0.7  # CLAM: total = bag_weight * bag loss + (1 - bag_weight) * instance loss
+    inst_loss: Literal["ce", "svm"] = "svm"  # CLAM instance loss: cross-entropy | smooth top-1 SVM
+    lr: float = 2e-4  # Adam
+    weight_decay: float = 1e-5  # Adam's (CLAM --reg)
+    epochs: int = 200  # maximum epochs
+    patience: int = 20  # early stopping on validation bag loss (CLAM: 20 epochs without improvement ...)
+    stop_epoch: int = 50  # ... and not before this epoch
+    weighted_sample: bool = True  # class-balanced sampling (N / N_c per slide, with replacement)
+    max_train_tiles: int = 0  # tiles per training bag, a fresh random subset every epoch (0: all)
+    bootstrap: int = 1000  # bootstrap resamples of the 95 % confidence intervals
+    heatmaps: int = 4  # attention heatmaps (PNG) and top-tile GeoJSON for this many test slides (0: none)
+    top_tiles: int = 20  # tiles per slide in the attention GeoJSON
+    slides: str = ""  # slide folder: thumbnails under the heatmaps
+    compare: list[Literal["max-probability"]] = field(default_factory=list)  # baselines in the same table
+    maps: str = ""  # --compare max-probability: infer.py output folder (<slide>.npy maps)
+    num_workers: int = 0
+    demo: bool = False  # synthetic slides -> tile features -> ABMIL, beside the map-maximum baseline
+    demo_checkpoint: str = "runs/camelyon_demo/best.pt"  # demo: patch model for the baseline (camelyon/train.py --demo)
+
+    @classmethod
+    def demo_preset(cls) -> dict:
+        return dict(output_dir="runs/camelyon_mil_demo", model="abmil", epochs=30, stop_epoch=10, patience=5,
+                    lr=5e-4, folds=3, seed=0, compare=["max-probability"])
+
+    def validate(self) -> None:
+        if self.folds < 2:
+            raise ConfigError(f"--folds must be >= 2, got {self.folds}")
+        if len(self.hidden) != 2 or min(self.hidden) < 1:
+            raise ConfigError(f"--hidden needs two positive widths (fc, attention), got {self.hidden}")
+        if not 0 <= self.bag_weight <= 1 or not 0 <= self.dropout < 1:
+            raise ConfigError("--bag-weight must be in [0, 1] and --dropout in [0, 1)")
+        if self.k_sample < 1 or self.epochs < 1 or self.bootstrap < 0:
+            raise ConfigError("--k-sample and --epochs must be >= 1, --bootstrap >= 0")

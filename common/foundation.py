@@ -368,7 +368,7 @@ class TileEncoder:
     precision: torch.dtype
     weights_path: str
     weights_sha256: str  # first 12 hex digits of the weights file's sha256
-    spec: FoundationModelSpec = field(repr=False)
+    spec: FoundationModelSpec | None = field(default=None, repr=False)  # None: not a registry model
     notes: list[str] = field(default_factory=list)  # what the loader found / converted / dropped
 
     @property
@@ -384,6 +384,9 @@ class TileEncoder:
     def describe(self) -> str:
         """Several lines for a run's banner / log: what was loaded and how tiles must be prepared."""
         spec = self.spec
+        if spec is None:  # an encoder built outside the registry (camelyon/features.py's ResNets)
+            return (f"tile encoder {self.name}: {self.embed_dim}-d, {self.input_size} px tiles, mean {self.mean}, "
+                    f"std {self.std}; weights {self.weights_path or 'random'} (sha256 {self.weights_sha256})")
         depth = len(getattr(getattr(self.model, "trunk", None), "blocks", ()))
         prep = (f"resize shorter side to {self.resize} ({self.interpolation}) -> centre crop {self.input_size}"
                 if self.resize is not None else f"{self.input_size}x{self.input_size} tiles as they are (no resize)")

@@ -53,3 +53,40 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
             "balanced_acc": float(recall.mean()) if len(recall) else float("nan"),
             "auc": float(np.nanmean(aucs)) if not all(np.isnan(aucs)) else float("nan"),
             "n": int(len(labels)), "confusion_matrix": cm.tolist()}
+
+
+def binary_metrics(labels, scores, threshold: float = 0.5) -> dict[str, float]:
+    """Slide-level summary of binary scores: AUC, and at ``threshold`` the accuracy, balanced
+    accuracy, sensitivity (recall of positives) and specificity (recall of negatives)."""
+    y = np.asarray(labels).astype(bool).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    pred = s >= threshold
+    sens = float(pred[y].mean()) if y.any() else float("nan")
+    spec = float((~pred[~y]).mean()) if (~y).any() else float("nan")
+    return {"auc": roc_auc(y, s), "acc": float((pred == y).mean()) if len(y) else float("nan"),
+            "balanced_acc": float(np.nanmean([sens, spec])) if len(y) else float("nan"),
+            "sensitivity": sens, "specificity": spec, "n": int(len(y)), "positives": int(y.sum())}
+
+
+def bootstrap_ci(labels, scores, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                 threshold: float = 0.5) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals of every :func:`binary_metrics` value.
+
+    Stratified: each resample draws the positives and the negatives with replacement from their own
+    class (so every resample has both classes and a defined AUC, and the class balance of the test
+    set is kept). ``{metric: (low, high)}``; NaN bounds when a class is absent or ``resamples`` is 0."""
+    y = np.asarray(labels).astype(bool).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    names = ("auc", "acc", "balanced_acc", "sensitivity", "specificity")
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    if resamples <= 0 or not len(pos) or not len(neg):
+        return {k: (float("nan"), float("nan")) for k in names}
+    rng = np.random.default_rng(seed)
+    values = {k: np.empty(resamples) for k in names}
+    for b in range(resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        m = binary_metrics(y[idx], s[idx], threshold)
+        for k in names:
+            values[k][b] = m[k]
+    tail = 100 * (1 - level) / 2
+    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in values.items()}
