@@ -134,6 +134,8 @@ def train_fold(fold: int, bags: FeatureBags, labels: np.ndarray, split: Split, c
     state = TrainState(best=-math.inf, extra={"best_val_loss": math.inf, "bad_epochs": 0, "stopped": False})
     ckpt = Checkpointer(out, ctx, cfg, model=model, optimizer=optimizer, amp=amp,
                         extra={"fold": fold, "backbone": bags.backbone, "slides": bags.names})
+    if (out / "last.pt").is_file():  # a run continued on features of another backbone stops here
+        check_backbone_matches(load_file(out / "last.pt").get("backbone", {}), bags.backbone, str(out / "last.pt"))
     ckpt.resume(state)
     ddp = wrap_ddp(model, ctx, find_unused_parameters=cfg.model == "clam_sb")
     logger = MetricLogger(out)

@@ -400,3 +400,30 @@ def test_max_tiles_keeps_the_same_seeded_subset_of_the_grid(slide_dir, reference
     # a slide with no more tiles than the cap keeps them all
     run_here(slide_dir / "small.tif", tmp_path / "d", "--max-tiles", "10")
     assert read_h5(tmp_path / "d" / "small.h5")["coords"].tolist() == read_h5(reference / "small.h5")["coords"].tolist()
+
+
+def test_a_foundation_model_from_its_published_file_embeds_the_tiles(slide_dir, tmp_path):
+    """kaiko ViT-S/16 (timm keys, 384-d CLS): random weights saved as the release file; features.py
+    loads it strictly and each row is the ViT's CLS embedding of the tile resized to 224."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", num_classes=0, dynamic_img_size=True).eval()
+    weights = tmp_path / "vits16.pth"
+    torch.save(vit.state_dict(), weights)
+    out = tmp_path / "out"
+    run_here(slide_dir / "small.tif", out, "--backbone", "kaiko-vits16", "--weights", str(weights),
+             "--tile-size", str(TILE), "--tile-mpp", str(MPP))
+    got = read_h5(out / "small.h5")
+    assert got["features"].shape == (TILES["small"], 384)
+    with h5py.File(out / "small.h5") as f:
+        assert f.attrs["backbone"] == "kaiko-vits16" and f.attrs["embed_dim"] == 384
+    x, y = got["coords"][0]
+    with openslide.OpenSlide(str(slide_dir / "small.tif")) as s:
+        tile = np.array(s.read_region((int(x), int(y)), 0, (TILE, TILE)).convert("RGB"))
+    t = torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255
+    t = torch.nn.functional.interpolate(t, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    t = (t.clamp(0, 1) - 0.5) / 0.5  # kaiko: mean = std = 0.5
+    with torch.no_grad():
+        want = vit(t)[0].numpy()
+    np.testing.assert_allclose(got["features"][0].astype(np.float32), want, atol=2e-2, rtol=2e-2)

@@ -216,6 +216,16 @@ def test_a_model_applied_to_features_of_another_backbone_is_an_error(tmp_path):
                          {"backbone": "uni", "weights_sha256": "ffff", "embed_dim": 32})
 
 
+def test_continuing_a_run_on_features_of_another_backbone_is_an_error(tmp_path):
+    for name, backbone in (("a", "toy"), ("b", "uni")):
+        (tmp_path / name).mkdir()
+        labels = write_bags(tmp_path / name, n_train=8, n_test=4, tiles=10, backbone=backbone)
+    csv = labels_csv(tmp_path / "l.csv", labels)
+    run(small_cfg(tmp_path, tmp_path / "a", csv, epochs=1, folds=2, heatmaps=0, bootstrap=0))
+    with pytest.raises(DataError, match="fold0/last.pt: features from uni.*trained on toy"):
+        run(small_cfg(tmp_path, tmp_path / "b", csv, epochs=2, folds=2, heatmaps=0, bootstrap=0))
+
+
 # ----------------------------------------------------------------------------- training
 def test_mil_learns_the_hidden_tiles_and_writes_its_report(tmp_path):
     feats = tmp_path / "f"
