@@ -15,7 +15,7 @@ the authors' code; each spec below names its sources. In short:
 
 - timm layouts (UNI, UNI2-h, Virchow, Virchow2, H-optimus-0/1, Prov-GigaPath, kaiko, Lunit): the
   official local-file recipes build a registry architecture with explicit kwargs and call
-  ``load_state_dict(torch.load(path), strict=True)`` (A1 "Route 1", A2). The kwargs matter: without
+  a strict ``load_state_dict`` of the file (A1 "Route 1", A2; read here with ``weights_only=True``). The kwargs matter: without
   ``init_values`` there are no LayerScale keys, DINOv2 registry tags default to 518 px (so
   ``img_size=224`` is passed), ``global_pool='avg'`` would rename ``norm`` to ``fc_norm``, and
   Prov-GigaPath uses 16-px patches despite its ``patch14`` architecture name (A1, A3 notes).
