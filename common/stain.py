@@ -87,8 +87,10 @@ def od_to_hed(od: torch.Tensor) -> torch.Tensor:
     return _mix(od / _HED_UNIT, HED_FROM_RGB)
 
 
-def hed_to_od(hed: torch.Tensor) -> torch.Tensor:
-    return _mix(hed, RGB_FROM_HED) * _HED_UNIT
+def hed_to_od(hed: torch.Tensor, rgb_from_hed: torch.Tensor = RGB_FROM_HED) -> torch.Tensor:
+    """Optical density of H, E, D amounts (inverse of :func:`od_to_hed`); ``rgb_from_hed``: other
+    stain colours (rows: the OD colours of H, E, D) re-mix the amounts as another lab's stains would."""
+    return _mix(hed, rgb_from_hed) * _HED_UNIT
 
 
 def rgb_to_hed(x: torch.Tensor, bound: float = 255.0) -> torch.Tensor:
