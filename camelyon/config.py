@@ -145,6 +145,7 @@ class EvalConfig(StainNormalizeConfig, BaseConfig):
     annotation_dir: str = ""  # patch accuracy: annotations for NCRF .txt lists
     checkpoint: str = ""  # patch accuracy: the model to evaluate
     batch_size: int = 32  # patch accuracy: regions per batch
+    max_regions: int = 0  # patch accuracy: only the first N regions of the list (0: all)
 
     def mask_level(self) -> int:
         """The evaluation mask level: ``level`` if set, else 5 (official) or 6 (bundle)."""
