@@ -380,9 +380,10 @@ def write_outputs(out_dir: Path, stem: str, prob: np.ndarray, tm: TissueMask, cf
 
 
 # ============================================================================= driver
-def load_model(checkpoint: str, device: torch.device, channels_last: bool = False):
+def load_model(checkpoint: str | dict, device: torch.device, channels_last: bool = False, name: str | None = None):
+    """The detector with the weights of ``checkpoint`` (a file, or a loaded one named ``name``), on ``device``."""
     model = build_model(channels_last=False)
-    info = load_detector_weights(model, checkpoint)
+    info = load_detector_weights(model, checkpoint, name)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -395,12 +396,12 @@ def use_channels_last(cfg: InferConfig, device: torch.device) -> bool:
     return cfg.channels_last and (device.type == "cuda" or cfg.mode == "dense")
 
 
-def model_resolution(checkpoint: str, override: float = 0.0) -> tuple[float, str]:
+def model_resolution(checkpoint: dict, override: float = 0.0) -> tuple[float, str]:
     """(µm/px the network was trained at, where that comes from): ``override`` (> 0), else the
-    checkpoint's config, else Camelyon16's 0.243 (the bundle's ``model.pt`` carries no config)."""
+    config of ``checkpoint`` (loaded), else Camelyon16's 0.243 (the bundle's ``model.pt`` carries no config)."""
     if override > 0:
         return override, "--model-mpp"
-    recorded = recorded_mpp(load_file(checkpoint))
+    recorded = recorded_mpp(checkpoint)
     if recorded:
         return recorded, "checkpoint config"
     return CAMELYON16_MPP, "not recorded; Camelyon16's"
@@ -464,9 +465,7 @@ def finished_work(cfg: InferConfig, model_mpp: float, stain: StainNormalizer = S
     settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS + MODE_SETTINGS[cfg.mode]}
     settings["model_mpp"] = model_mpp  # resolved: --model-mpp, else the checkpoint's
     settings["stain_target"] = stain.target.to_json(with_source=False) if stain.enabled else ""  # files or checkpoint
-    # "" when the model came from no file (a test's stand-in network)
-    sha = file_sha256(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
-    return FinishedWork(cfg.output_dir, {"checkpoint_sha256": sha, "settings": settings})
+    return FinishedWork(cfg.output_dir, {"checkpoint_sha256": file_sha256(cfg.checkpoint), "settings": settings})
 
 
 def error_text(err: BaseException, slide: Path) -> str:
@@ -600,9 +599,11 @@ def run(cfg: InferConfig) -> list[dict]:
         raise SystemExit("infer.py needs --slides PATH_OR_DIR and --checkpoint FILE")
     target = target_from_files(cfg)  # a bad --stain-target stops the run before any slide is read
     slides = list_slides(cfg.slides)
-    model, info = load_model(cfg.checkpoint, ctx.device, use_channels_last(cfg, ctx.device))
-    model_mpp, mpp_from = model_resolution(cfg.checkpoint, cfg.model_mpp)
-    stain = inference_stain(cfg, target, cfg.checkpoint)
+    checkpoint = load_file(cfg.checkpoint)  # read once: the weights, the recorded µm/px, the stored stain target
+    model, info = load_model(checkpoint, ctx.device, use_channels_last(cfg, ctx.device), name=cfg.checkpoint)
+    model_mpp, mpp_from = model_resolution(checkpoint, cfg.model_mpp)
+    stain = inference_stain(cfg, target, checkpoint, cfg.checkpoint)
+    del checkpoint  # the model holds its own copy of the weights
     dist.print0(f"loaded {info['kind']} {info['path']} (trained at {model_mpp:g} µm/px, {mpp_from}); "
                 f"{len(slides)} slide(s), mode {cfg.mode}" + stain_line(cfg, stain, target is None))
     amp = MixedPrecision(ctx.device, cfg.precision)

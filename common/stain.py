@@ -594,14 +594,13 @@ def training_stain(cfg) -> tuple[StainNormalizer, dict]:
     return StainNormalizer(target), ({CHECKPOINT_KEY: target.to_state()} if target is not None else {})
 
 
-def inference_stain(cfg, fitted: StainTarget | None, checkpoint: Any) -> StainNormalizer:
+def inference_stain(cfg, fitted: StainTarget | None, checkpoint: Any,
+                    checkpoint_name: str = "the checkpoint") -> StainNormalizer:
     """An inference or evaluation script's normaliser: ``fitted`` (:func:`target_from_files`, called
-    at start-up), else the target stored in ``checkpoint`` (a path, or the loaded dict)."""
+    at start-up), else the target stored in ``checkpoint`` (a path, or the loaded dict, whose file
+    ``checkpoint_name`` names in messages)."""
     if fitted is not None:
         return StainNormalizer(fitted)
-    name = "the checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
-        if getattr(cfg, "stain_normalize", "none") == "none" and not Path(checkpoint).is_file():
-            return StainNormalizer()  # nothing to normalise and no stored target to warn about
-        name, checkpoint = str(checkpoint), load_file(checkpoint)
-    return StainNormalizer(resolve_stain_target(cfg, checkpoint, name))
+        checkpoint_name, checkpoint = str(checkpoint), load_file(checkpoint)
+    return StainNormalizer(resolve_stain_target(cfg, checkpoint, checkpoint_name))
