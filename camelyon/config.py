@@ -159,3 +159,10 @@ class EvalConfig(StainNormalizeConfig, BaseConfig):
         if self.protocol == "bundle" and self.stem_chars:
             raise ConfigError("--stem-chars is an official-protocol quirk; the bundle protocol matches "
                              "<slide>.npy to <slide>.tif")
+        if not self.patch_list:  # FROC scores probability maps and detections: no image is read here
+            if self.stain_normalize != "none":
+                raise ConfigError(f"--stain-normalize {self.stain_normalize}: FROC mode scores maps, not images; "
+                                  "pass it to camelyon/infer.py (or evaluate patches with --patch-list)")
+            if self.stain_target:
+                raise ConfigError(f"--stain-target {' '.join(self.stain_target)}: FROC mode scores maps, not images; "
+                                  "pass it to camelyon/infer.py (or evaluate patches with --patch-list)")
