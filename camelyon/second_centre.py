@@ -10,8 +10,9 @@ scaled (``StainShift.h_scale``, ``e_scale``) and re-mixed with stain vectors rot
 positive turns haematoxylin towards eosin and eosin away from it), DAB with its own vector. With
 no rotation and scales 1 this gives back the slide's pixels (up to rounding). The slides are
 written in the demo's formats (pyramidal tiled JPEG TIFF, the same µm/px); ground-truth masks,
-annotations and the validation patch list are copied, so every demo command runs on the second
-centre with the same labels.
+annotations and the val NCRF lists are copied and ``validation.csv`` is made from them as
+``train.py --demo`` makes the demo's, so every demo command runs on the second centre with the
+same labels.
 
 The default shift (both stain vectors turned 15° in their plane, H amounts x0.9, E x1.1) is
 within the range seen between labs (stain vectors 10-20° apart, intensities x0.7-1.3): the demo's
@@ -42,7 +43,7 @@ from common.stain import RGB_FROM_HED, hed_to_od, od_to_hed, od_to_rgb, rgb_to_o
 from common.wsi import open_slide, read_rgb
 
 #: Bumped whenever the re-stained content changes, so stale caches regenerate.
-VERSION = 1
+VERSION = 2  # 2: the validation list made from the copied NCRF lists, not copied
 #: rows of level 0 converted at a time (bounds the float memory of a 8,192-px wide slide to ~100 MB)
 STRIP_ROWS = 512
 
@@ -115,7 +116,7 @@ def make_second_centre(demo: DemoLayout, root: str | os.PathLike | None = None, 
 
 
 def _write_set(demo: DemoLayout, out: DemoLayout, shift: StainShift, quality: int) -> dict:
-    """Every val and test slide re-stained; masks, annotations and the validation list copied."""
+    """Every val and test slide re-stained; masks and annotations copied; the validation list."""
     seconds = {}
     for name in progress(demo.val_slides + demo.test_slides, desc="second centre"):
         t0 = time.perf_counter()
@@ -125,9 +126,23 @@ def _write_set(demo: DemoLayout, out: DemoLayout, shift: StainShift, quality: in
             if source is not None and source.is_file():
                 _copy(source, target)
         seconds[name] = round(time.perf_counter() - t0, 2)
-    _copy(demo.root / "validation.csv", out.root / "validation.csv")
+    write_validation_list(demo, out)
     h_angle, e_angle = shift.vector_angles()
     return {"slides": seconds, "h_vector_degrees": round(h_angle, 2), "e_vector_degrees": round(e_angle, 2)}
+
+
+def write_validation_list(demo: DemoLayout, out: DemoLayout) -> Path:
+    """``out.root/validation.csv``: the demo's val centres (its NCRF lists, copied to ``out.coords``)
+    as a bundle patch list, made as ``train.py --demo`` makes the demo's (labels from the copied XML)."""
+    from camelyon.dataset import write_bundle_csv
+    from camelyon.prepare import build_patch_list
+
+    lists = [out.coords / demo.coord_files[key].name for key in ("tumor_valid", "normal_valid")]
+    for target in lists:
+        _copy(demo.coords / target.name, target)
+    records = build_patch_list([str(p) for p in lists], str(out.train_images), str(out.train_annotations))
+    write_bundle_csv(records, out.root / "validation.csv")
+    return out.root / "validation.csv"
 
 
 def restain_slide(source: Path, target: Path, shift: StainShift, quality: int = 85) -> None:
