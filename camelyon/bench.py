@@ -70,7 +70,7 @@ class BenchConfig(BaseConfig):
     shape_kinds: list[str] = field(default_factory=list)  # --shapes: only these ways (default: all)
     shape_names: list[str] = field(default_factory=list)  # --shapes: only these slides (islands ellipse strips ring)
     stain: bool = False  # models with and without HED augmentation, on the demo and a re-stained second centre
-    stain_output: str = "runs/camelyon_stain_bench"  # --stain: runs, maps and the table go to a new timestamped folder here
+    stain_output: str = "runs/camelyon_stain_bench"  # --stain: runs, maps and the table (a rerun reuses finished runs and slides)
     stain_epochs: int = 0  # --stain: training epochs (0: the demo preset's 2)
     stain_steps: int = 0  # --stain: training steps per epoch (0: the demo preset's 30)
     stain_val_regions: int = 0  # --stain: val regions for patch accuracy (0: all 80, 720 patches)
@@ -646,7 +646,7 @@ def stain_robustness(cfg: BenchConfig) -> dict:
     shifted = make_second_centre(demo, shift=shift)
     print(f"second centre in {shifted.root} ({'generated in %.0fs' % shifted.seconds if shifted.generated else 'cached'}): "
           f"{shift}; stain vectors turned {shift.vector_angles()[0]:.0f} and {shift.vector_angles()[1]:.0f} degrees")
-    out = Path(cfg.stain_output) / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.stain_output)  # run again: finished trainings resume as done, finished slides are skipped
     targets = write_stain_targets(read_patch_list(preset.train_list, preset.image_dir), out / "stain_target")
     centres = {"original": _centre(demo, cfg.stain_test_slides), "shifted": _centre(shifted, cfg.stain_test_slides)}
     training = {k: v for k, v in dict(epochs=cfg.stain_epochs, max_steps_per_epoch=cfg.stain_steps,

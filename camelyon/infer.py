@@ -68,7 +68,7 @@ from common.amp import MixedPrecision
 from common.augment import scale_intensity
 from common.cache import cached_arrays
 from common.checkpoint import load_file
-from common.errors import USER_ERRORS, UserError, describe, exit_on_user_error
+from common.errors import USER_ERRORS, DataError, UserError, describe, exit_on_user_error
 from common.finished import FinishedWork
 from common.io import atomic_write, atomic_write_text, file_sha256
 from common.config import parse_config
@@ -421,14 +421,21 @@ def slide_resolution(slide: Path, model_mpp: float, cfg: InferConfig) -> dict:
 def slide_stain(stain: StainNormalizer, slide: Path, tm: TissueMask, scale: float, fit: str) -> StainNormalizer:
     """``stain`` as it applies to this slide: with ``fit`` "slide" the source statistics are fitted
     once, on the 224 patches of up to STAIN_FIT_CELLS tissue cells spread evenly over the slide
-    (row-major order); with "tile" (or no target, or no tissue) each forward-pass input is fitted alone."""
+    (row-major order); with "tile" (or no target, or no tissue) each forward-pass input is fitted alone.
+    A slide whose patches hold too little stain to fit (Macenko counts a pixel when its optical
+    density is >= beta in every channel: pale pink stroma is not counted) falls back to per-tile
+    fits, with a warning, as a tile without enough stain does."""
     if not stain.enabled or fit != "slide" or not tm.mask.any():
         return stain
     cells = np.argwhere(tm.mask)
     pick = np.unique(np.linspace(0, len(cells) - 1, min(STAIN_FIT_CELLS, len(cells))).round().astype(np.int64))
     patches = CellPatches(str(slide), cells[pick], tm.ratio / scale, scale)
     tiles = [patches[i][0] for i in range(len(patches))]
-    source = stain.target.fit_source(tiles, source=f"{slide}: the {len(tiles)} tissue patches of its stain fit")
+    try:
+        source = stain.target.fit_source(tiles, source=f"{slide}: the {len(tiles)} tissue patches of its stain fit")
+    except DataError as err:
+        warnings.warn(f"{describe(err)}; each forward-pass input is fitted alone instead", RuntimeWarning)
+        return stain
     return stain.with_source(source)
 
 
