@@ -272,6 +272,28 @@ def test_slide_fit_uses_tissue_patches_spread_over_the_slide(he_slides, monkeypa
     assert torch.equal(fitted(x), per_tile.with_source(expected)(x))
 
 
+def test_slide_fit_without_enough_stain_falls_back_to_tile_fits(he_slides, tmp_path):
+    """Pale pink tissue (eosin only: optical density below Macenko's beta in the red channel) has no
+    Macenko tissue to fit a slide on: a warning, and each forward-pass input is fitted alone."""
+    import camelyon.infer as infer
+    from camelyon.prepare import tissue_mask_at
+
+    g = torch.Generator().manual_seed(4)
+    eosin = 0.03 + 0.01 * torch.rand(1, 256, 256, generator=g, dtype=torch.float64)
+    hed = torch.cat([torch.zeros_like(eosin), eosin, torch.zeros_like(eosin)])[None]
+    img = np.full((512, 512, 3), 245, np.uint8)
+    img[128:384, 128:384] = hed_to_rgb(hed)[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
+    write_pyramidal_tiff(tmp_path / "pale.tif", img, compression="deflate")
+    tm = tissue_mask_at(tmp_path / "pale.tif", 64.0, 1.0)
+    assert tm.mask.sum() >= 4
+    per_tile = StainNormalizer(StainTarget.from_files(he_slides / "target.png", "macenko"))
+    with pytest.warns(RuntimeWarning, match=r"pale\.tif: the \d+ tissue patches of its stain fit: no tissue to fit "
+                                            r"stain statistics on.*each forward-pass input is fitted alone instead"):
+        assert infer.slide_stain(per_tile, tmp_path / "pale.tif", tm, 1.0, "slide") is per_tile
+    reinhard = StainNormalizer(StainTarget.from_files(he_slides / "target.png", "reinhard"))
+    assert infer.slide_stain(reinhard, tmp_path / "pale.tif", tm, 1.0, "slide").source is not None  # pink is tissue there
+
+
 # ============================================================================= nuclick click inference
 class InputRecorder(torch.nn.Module):
     """Stand-in click network: keeps every input it is given, finds no nucleus."""
