@@ -18,10 +18,20 @@ three tissue islands and on an 8,192 x 8,192 px slide with the same islands
 mask's time, infer.py's whole run on the slide (``--large-mode``, dense by default; random weights
 in the bundle's layout), tissue cells per second, the process's peak RSS (and its reader workers'),
 and the ratios large / small against the goal: time and peak RSS within 1.2x, peak RSS < 2 GB.
+
+``--stain``: stain robustness across centres. The demo model is trained twice (the demo preset,
+``--stain-augment none`` and ``hed``), each evaluated on the demo's slides (original centre) and
+on the same slides re-stained as a second centre (``camelyon/second_centre.py``, built once), with
+``--stain-normalize none`` and ``macenko`` (target: ``TARGET_REGIONS`` original-centre training
+regions, as ``--stain-target`` files): patch accuracy on the val patches (``camelyon/eval.py
+--patch-list``) and FROC on the test slides (``camelyon/infer.py`` dense + ``camelyon/eval.py``).
+Every training and every cell runs in a fresh process; prints a Markdown table and the wall time.
+``--stain-epochs/--stain-steps/--stain-val-regions/--stain-test-slides`` make it smaller.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import multiprocessing as mp
@@ -38,6 +48,7 @@ import torch
 
 from common.config import BaseConfig, parse_config
 from common.errors import exit_on_user_error
+from common.io import atomic_write_text
 from common.memory import peak_rss_mb
 from common.wsi import open_slide
 
@@ -58,10 +69,19 @@ class BenchConfig(BaseConfig):
     shapes: bool = False  # whole slides of several tissue shapes: dense, patch, naive, MONAI, pure forward
     shape_kinds: list[str] = field(default_factory=list)  # --shapes: only these ways (default: all)
     shape_names: list[str] = field(default_factory=list)  # --shapes: only these slides (islands ellipse strips ring)
+    stain: bool = False  # models with and without HED augmentation, on the demo and a re-stained second centre
+    stain_output: str = "runs/camelyon_stain_bench"  # --stain: runs, maps and the table (a rerun reuses finished runs and slides)
+    stain_epochs: int = 0  # --stain: training epochs (0: the demo preset's 2)
+    stain_steps: int = 0  # --stain: training steps per epoch (0: the demo preset's 30)
+    stain_val_regions: int = 0  # --stain: val regions for patch accuracy (0: all 80, 720 patches)
+    stain_test_slides: int = 0  # --stain: test slides for FROC (0: all 4)
+    stain_fit: str = "slide"  # --stain: infer.py's --stain-fit for the normalised runs (tile or slide)
 
     def validate(self) -> None:
         if self.large_mode not in ("dense", "patch"):
             raise ValueError(f"--large-mode must be dense or patch, got {self.large_mode!r}")
+        if self.stain_fit not in ("tile", "slide"):
+            raise ValueError(f"--stain-fit must be tile or slide, got {self.stain_fit!r}")
 
 
 def _block_mask(slide: str, cells: int):
@@ -515,11 +535,170 @@ def tissue_shapes(cfg: BenchConfig) -> dict:
     return results
 
 
+# ============================================================================= --stain
+AUGMENTS = ("none", "hed")
+CENTRES = ("original", "shifted")
+NORMALIZATIONS = ("none", "macenko")
+#: --stain: Macenko's target is fitted on the 768-px regions of this many training-list centres (original centre)
+TARGET_REGIONS = 8
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)``'s result, computed in a new interpreter (spawn) that behaves as a command does
+    (:func:`as_a_command`): each training and evaluation starts with its own memory and threads."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_call_and_report, args=(fn, args, queue))
+    proc.start()
+    result = _result_or_death(proc, queue)
+    proc.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _call_and_report(fn, args, queue) -> None:
+    as_a_command()
+    try:
+        queue.put(fn(*args))
+    except Exception as err:
+        queue.put(RuntimeError(f"{type(err).__name__}: {err}"))
+
+
+def _train_demo_model(overrides: dict) -> dict:
+    """camelyon/train.py's main on the demo preset with ``overrides``; its result and wall seconds."""
+    from camelyon.config import TrainConfig
+    from camelyon.train import main as train_main
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train_main(TrainConfig(**{**TrainConfig.demo_preset(), **overrides}))
+    return {"best_val_acc": result["best_val_acc"], "seconds": time.perf_counter() - t0}
+
+
+def _evaluate_cell(checkpoint: str, centre: dict, normalize: str, targets: list[str], out_dir: str,
+                   cfg: BenchConfig) -> dict:
+    """One cell of the table: patch accuracy on the centre's val patches (camelyon/eval.py
+    --patch-list) and FROC on its test slides (camelyon/infer.py, dense, then camelyon/eval.py),
+    both with ``--stain-normalize normalize --stain-target targets`` (nothing when none)."""
+    from camelyon.config import EvalConfig, InferConfig
+    from camelyon.eval import evaluate_froc, evaluate_patches
+    from camelyon.infer import run as run_inference
+
+    stain = dict(stain_normalize=normalize, stain_target=targets if normalize != "none" else [])
+    common = dict(checkpoint=checkpoint, num_workers=cfg.num_workers, device=cfg.device, precision=cfg.precision)
+    t0 = time.perf_counter()
+    patches = evaluate_patches(EvalConfig(patch_list=centre["val_list"], image_dir=centre["val_images"],
+                                          batch_size=8, max_regions=cfg.stain_val_regions, **common, **stain))
+    t1 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        for slide in centre["test_slides"]:
+            run_inference(InferConfig(slides=slide, output_dir=out_dir, mode="dense", stain_fit=cfg.stain_fit,
+                                      **common, **stain))
+        froc = evaluate_froc(EvalConfig(detections=out_dir, ground_truth=centre["test_masks"], output_dir=out_dir))
+    return {"patch_acc": patches["acc"], "patches": patches["patches"], "froc": froc["froc"],
+            "slide_auc": froc["slide_auc"], "patch_s": t1 - t0, "froc_s": time.perf_counter() - t1}
+
+
+def write_stain_targets(records, folder: Path, n: int = TARGET_REGIONS) -> list[str]:
+    """PNGs of ``n`` 768-px training regions spread evenly over the (original centre's) training
+    list, each at least half tissue (regions at the tissue's edge are passed over): the files
+    ``--stain-target`` fits Macenko's target on, together."""
+    from PIL import Image
+
+    from camelyon.dataset import RegionDataset
+    from common.stain import background_mask
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = RegionDataset(records)
+    paths = []
+    for i in np.linspace(0, len(ds) - 1, 4 * n).round().astype(int):
+        region = ds[i][0]
+        if len(paths) == n or float(background_mask(region).float().mean()) > 0.5:
+            continue
+        path = folder / f"target_{len(paths)}_{Path(records[i].slide).stem}_{records[i].x}_{records[i].y}.png"
+        Image.fromarray(region.permute(1, 2, 0).numpy()).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _centre(layout, n_slides: int) -> dict:
+    slides = [layout.slide_path(name) for name in layout.test_slides]
+    return {"val_list": str(layout.root / "validation.csv"), "val_images": str(layout.train_images),
+            "test_slides": [str(p) for p in (slides[:n_slides] if n_slides else slides)],
+            "test_masks": str(layout.test_masks)}
+
+
+def stain_robustness(cfg: BenchConfig) -> dict:
+    """``--stain``: the demo model trained with and without ``--stain-augment hed`` (in fresh
+    processes, the demo preset), each evaluated on the demo's val and test slides and on the same
+    slides re-stained as a second centre (``camelyon/second_centre.py``), with and without Macenko
+    normalisation to a target fitted on original-centre training regions: patch accuracy and FROC."""
+    from camelyon.config import TrainConfig
+    from camelyon.dataset import read_patch_list
+    from camelyon.demo import prepare_demo
+    from camelyon.second_centre import StainShift, make_second_centre
+
+    t_start = time.perf_counter()
+    preset = TrainConfig(**TrainConfig.demo_preset())
+    demo = prepare_demo(preset)  # the demo slides and their patch lists, built once
+    shift = StainShift()
+    shifted = make_second_centre(demo, shift=shift)
+    print(f"second centre in {shifted.root} ({'generated in %.0fs' % shifted.seconds if shifted.generated else 'cached'}): "
+          f"{shift}; stain vectors turned {shift.vector_angles()[0]:.0f} and {shift.vector_angles()[1]:.0f} degrees")
+    out = Path(cfg.stain_output)  # run again: finished trainings resume as done, finished slides are skipped
+    targets = write_stain_targets(read_patch_list(preset.train_list, preset.image_dir), out / "stain_target")
+    centres = {"original": _centre(demo, cfg.stain_test_slides), "shifted": _centre(shifted, cfg.stain_test_slides)}
+    training = {k: v for k, v in dict(epochs=cfg.stain_epochs, max_steps_per_epoch=cfg.stain_steps,
+                                      max_val_regions=cfg.stain_val_regions).items() if v}
+    print(f"outputs in {out}; training {training or 'as the demo preset'}; device {cfg.device}, "
+          f"{cfg.num_workers} reader workers; load average {os.getloadavg()[0]:.1f}", flush=True)
+    models, cells = {}, {}
+    for augment in AUGMENTS:
+        run_dir = out / f"train_{augment}"
+        models[augment] = in_fresh_process(_train_demo_model, {"output_dir": str(run_dir), "stain_augment": augment,
+                                                               "num_workers": cfg.num_workers, **training})
+        print(f"trained --stain-augment {augment}: best val acc {models[augment]['best_val_acc']:.4f} "
+              f"[{models[augment]['seconds']:.0f}s]", flush=True)
+        for centre in CENTRES:
+            for normalize in NORMALIZATIONS:
+                key = (augment, centre, normalize)
+                cells[key] = in_fresh_process(_evaluate_cell, str(run_dir / "best.pt"), centres[centre], normalize,
+                                              targets, str(out / f"infer_{augment}_{centre}_{normalize}"), cfg)
+                print(f"  {centre:>8} slides, normalise {normalize:>7}: patch acc {cells[key]['patch_acc']:.4f}, "
+                      f"FROC {cells[key]['froc']:.4f} [{cells[key]['patch_s']:.0f}s + {cells[key]['froc_s']:.0f}s]",
+                      flush=True)
+    seconds = time.perf_counter() - t_start
+    table = stain_table(cells)
+    print(table)
+    print(f"bench wall time {seconds:.0f} s")
+    summary = {"output": str(out), "shift": dataclasses.asdict(shift), "training": training, "models": models,
+               "cells": {"/".join(k): v for k, v in cells.items()}, "seconds": seconds, "table": table}
+    atomic_write_text(out / "stain_bench.json", json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
+    return summary
+
+
+def stain_table(cells: dict) -> str:
+    """Markdown: one row per training, patch accuracy then FROC per (centre, normalisation)."""
+    columns = [(c, n) for c in CENTRES for n in NORMALIZATIONS]
+    head = " | ".join(f"{metric} {c}{' + ' + n if n != 'none' else ''}" for metric in ("patch acc", "FROC")
+                      for c, n in columns)
+    lines = [f"| training | {head} |", "|---" * (1 + 2 * len(columns)) + "|"]
+    for augment in AUGMENTS:
+        accs = [f"{cells[(augment, c, n)]['patch_acc']:.3f}" for c, n in columns]
+        frocs = [f"{cells[(augment, c, n)]['froc']:.3f}" for c, n in columns]
+        lines.append(f"| --stain-augment {augment} | " + " | ".join(accs + frocs) + " |")
+    return "\n".join(lines)
+
+
 def main(cfg: BenchConfig) -> dict:
     if cfg.large:
         return large_vs_small(cfg)
     if cfg.shapes:
         return tissue_shapes(cfg)
+    if cfg.stain:
+        return stain_robustness(cfg)
     if not cfg.slide:
         from camelyon.config import demo_root
         from camelyon.demo import make_demo

@@ -145,6 +145,7 @@ class EvalConfig(StainNormalizeConfig, BaseConfig):
     annotation_dir: str = ""  # patch accuracy: annotations for NCRF .txt lists
     checkpoint: str = ""  # patch accuracy: the model to evaluate
     batch_size: int = 32  # patch accuracy: regions per batch
+    max_regions: int = 0  # patch accuracy: only the first N regions of the list (0: all)
 
     def mask_level(self) -> int:
         """The evaluation mask level: ``level`` if set, else 5 (official) or 6 (bundle)."""
@@ -158,6 +159,13 @@ class EvalConfig(StainNormalizeConfig, BaseConfig):
         if self.protocol == "bundle" and self.stem_chars:
             raise ConfigError("--stem-chars is an official-protocol quirk; the bundle protocol matches "
                              "<slide>.npy to <slide>.tif")
+        if not self.patch_list:  # FROC scores probability maps and detections: no image is read here
+            if self.stain_normalize != "none":
+                raise ConfigError(f"--stain-normalize {self.stain_normalize}: FROC mode scores maps, not images; "
+                                  "pass it to camelyon/infer.py (or evaluate patches with --patch-list)")
+            if self.stain_target:
+                raise ConfigError(f"--stain-target {' '.join(self.stain_target)}: FROC mode scores maps, not images; "
+                                  "pass it to camelyon/infer.py (or evaluate patches with --patch-list)")
 
 
 def mil_demo_root() -> str:

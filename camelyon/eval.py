@@ -422,6 +422,8 @@ def evaluate_patches(cfg: EvalConfig) -> dict:
     target = target_from_files(cfg)  # a bad --stain-target stops here, before any slide is read
     records = read_patch_list(cfg.patch_list, cfg.image_dir or None, cfg.annotation_dir or None, json_key="validation")
     validate_records(records, source=cfg.patch_list)
+    if cfg.max_regions:
+        records = records[:cfg.max_regions]
     model, _ = load_model(cfg.checkpoint, ctx.device)
     stain = inference_stain(cfg, target, cfg.checkpoint)
     ds = RegionDataset(records)

@@ -68,7 +68,7 @@ from common.amp import MixedPrecision
 from common.augment import scale_intensity
 from common.cache import cached_arrays
 from common.checkpoint import load_file
-from common.errors import USER_ERRORS, UserError, describe, exit_on_user_error
+from common.errors import USER_ERRORS, DataError, UserError, describe, exit_on_user_error
 from common.finished import FinishedWork
 from common.io import atomic_write, atomic_write_text, file_sha256
 from common.config import parse_config
@@ -380,9 +380,10 @@ def write_outputs(out_dir: Path, stem: str, prob: np.ndarray, tm: TissueMask, cf
 
 
 # ============================================================================= driver
-def load_model(checkpoint: str, device: torch.device, channels_last: bool = False):
+def load_model(checkpoint: str | dict, device: torch.device, channels_last: bool = False, name: str | None = None):
+    """The detector with the weights of ``checkpoint`` (a file, or a loaded one named ``name``), on ``device``."""
     model = build_model(channels_last=False)
-    info = load_detector_weights(model, checkpoint)
+    info = load_detector_weights(model, checkpoint, name)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -395,12 +396,12 @@ def use_channels_last(cfg: InferConfig, device: torch.device) -> bool:
     return cfg.channels_last and (device.type == "cuda" or cfg.mode == "dense")
 
 
-def model_resolution(checkpoint: str, override: float = 0.0) -> tuple[float, str]:
+def model_resolution(checkpoint: dict, override: float = 0.0) -> tuple[float, str]:
     """(µm/px the network was trained at, where that comes from): ``override`` (> 0), else the
-    checkpoint's config, else Camelyon16's 0.243 (the bundle's ``model.pt`` carries no config)."""
+    config of ``checkpoint`` (loaded), else Camelyon16's 0.243 (the bundle's ``model.pt`` carries no config)."""
     if override > 0:
         return override, "--model-mpp"
-    recorded = recorded_mpp(load_file(checkpoint))
+    recorded = recorded_mpp(checkpoint)
     if recorded:
         return recorded, "checkpoint config"
     return CAMELYON16_MPP, "not recorded; Camelyon16's"
@@ -420,14 +421,21 @@ def slide_resolution(slide: Path, model_mpp: float, cfg: InferConfig) -> dict:
 def slide_stain(stain: StainNormalizer, slide: Path, tm: TissueMask, scale: float, fit: str) -> StainNormalizer:
     """``stain`` as it applies to this slide: with ``fit`` "slide" the source statistics are fitted
     once, on the 224 patches of up to STAIN_FIT_CELLS tissue cells spread evenly over the slide
-    (row-major order); with "tile" (or no target, or no tissue) each forward-pass input is fitted alone."""
+    (row-major order); with "tile" (or no target, or no tissue) each forward-pass input is fitted alone.
+    A slide whose patches hold too little stain to fit (Macenko counts a pixel when its optical
+    density is >= beta in every channel: pale pink stroma is not counted) falls back to per-tile
+    fits, with a warning, as a tile without enough stain does."""
     if not stain.enabled or fit != "slide" or not tm.mask.any():
         return stain
     cells = np.argwhere(tm.mask)
     pick = np.unique(np.linspace(0, len(cells) - 1, min(STAIN_FIT_CELLS, len(cells))).round().astype(np.int64))
     patches = CellPatches(str(slide), cells[pick], tm.ratio / scale, scale)
     tiles = [patches[i][0] for i in range(len(patches))]
-    source = stain.target.fit_source(tiles, source=f"{slide}: the {len(tiles)} tissue patches of its stain fit")
+    try:
+        source = stain.target.fit_source(tiles, source=f"{slide}: the {len(tiles)} tissue patches of its stain fit")
+    except DataError as err:
+        warnings.warn(f"{describe(err)}; each forward-pass input is fitted alone instead", RuntimeWarning)
+        return stain
     return stain.with_source(source)
 
 
@@ -464,9 +472,7 @@ def finished_work(cfg: InferConfig, model_mpp: float, stain: StainNormalizer = S
     settings = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS + MODE_SETTINGS[cfg.mode]}
     settings["model_mpp"] = model_mpp  # resolved: --model-mpp, else the checkpoint's
     settings["stain_target"] = stain.target.to_json(with_source=False) if stain.enabled else ""  # files or checkpoint
-    # "" when the model came from no file (a test's stand-in network)
-    sha = file_sha256(cfg.checkpoint) if Path(cfg.checkpoint).is_file() else ""
-    return FinishedWork(cfg.output_dir, {"checkpoint_sha256": sha, "settings": settings})
+    return FinishedWork(cfg.output_dir, {"checkpoint_sha256": file_sha256(cfg.checkpoint), "settings": settings})
 
 
 def error_text(err: BaseException, slide: Path) -> str:
@@ -600,9 +606,11 @@ def run(cfg: InferConfig) -> list[dict]:
         raise SystemExit("infer.py needs --slides PATH_OR_DIR and --checkpoint FILE")
     target = target_from_files(cfg)  # a bad --stain-target stops the run before any slide is read
     slides = list_slides(cfg.slides)
-    model, info = load_model(cfg.checkpoint, ctx.device, use_channels_last(cfg, ctx.device))
-    model_mpp, mpp_from = model_resolution(cfg.checkpoint, cfg.model_mpp)
-    stain = inference_stain(cfg, target, cfg.checkpoint)
+    checkpoint = load_file(cfg.checkpoint)  # read once: the weights, the recorded µm/px, the stored stain target
+    model, info = load_model(checkpoint, ctx.device, use_channels_last(cfg, ctx.device), name=cfg.checkpoint)
+    model_mpp, mpp_from = model_resolution(checkpoint, cfg.model_mpp)
+    stain = inference_stain(cfg, target, checkpoint, cfg.checkpoint)
+    del checkpoint  # the model holds its own copy of the weights
     dist.print0(f"loaded {info['kind']} {info['path']} (trained at {model_mpp:g} µm/px, {mpp_from}); "
                 f"{len(slides)} slide(s), mode {cfg.mode}" + stain_line(cfg, stain, target is None))
     amp = MixedPrecision(ctx.device, cfg.precision)

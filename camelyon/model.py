@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -127,10 +128,13 @@ def load_imagenet_backbone(model: TumorDetectionNet, path: str | os.PathLike) ->
     return imported.report()
 
 
-def load_detector_weights(model: TumorDetectionNet, path: str | os.PathLike) -> dict:
+def load_detector_weights(model: TumorDetectionNet, path: str | os.PathLike | Mapping,
+                          name: str | None = None) -> dict:
     """Load a project checkpoint (``{"model": sd, "config": ...}``) or the bundle's ``model.pt``
-    (a flat state_dict, possibly with ``module.`` prefixes) strictly. Returns a small summary."""
-    obj = load_file(path)
+    (a flat state_dict, possibly with ``module.`` prefixes) strictly: a file, or one already loaded
+    (``common.checkpoint.load_file``; ``name`` is then its file, for messages). Returns a small summary."""
+    obj = load_file(path) if isinstance(path, (str, os.PathLike)) else path
+    path = name or (str(path) if isinstance(path, (str, os.PathLike)) else "state_dict")
     kind = "project checkpoint" if isinstance(obj, dict) and "config" in obj and "model" in obj else "bundle state_dict"
     sd = extract_state_dict(obj)
     if "fc.weight" in sd and sd["fc.weight"].ndim == 2:  # a Linear head (1, 512): reshape to the conv kernel

@@ -87,8 +87,10 @@ def od_to_hed(od: torch.Tensor) -> torch.Tensor:
     return _mix(od / _HED_UNIT, HED_FROM_RGB)
 
 
-def hed_to_od(hed: torch.Tensor) -> torch.Tensor:
-    return _mix(hed, RGB_FROM_HED) * _HED_UNIT
+def hed_to_od(hed: torch.Tensor, rgb_from_hed: torch.Tensor = RGB_FROM_HED) -> torch.Tensor:
+    """Optical density of H, E, D amounts (inverse of :func:`od_to_hed`); ``rgb_from_hed``: other
+    stain colours (rows: the OD colours of H, E, D) re-mix the amounts as another lab's stains would."""
+    return _mix(hed, rgb_from_hed) * _HED_UNIT
 
 
 def rgb_to_hed(x: torch.Tensor, bound: float = 255.0) -> torch.Tensor:
@@ -592,14 +594,13 @@ def training_stain(cfg) -> tuple[StainNormalizer, dict]:
     return StainNormalizer(target), ({CHECKPOINT_KEY: target.to_state()} if target is not None else {})
 
 
-def inference_stain(cfg, fitted: StainTarget | None, checkpoint: Any) -> StainNormalizer:
+def inference_stain(cfg, fitted: StainTarget | None, checkpoint: Any,
+                    checkpoint_name: str = "the checkpoint") -> StainNormalizer:
     """An inference or evaluation script's normaliser: ``fitted`` (:func:`target_from_files`, called
-    at start-up), else the target stored in ``checkpoint`` (a path, or the loaded dict)."""
+    at start-up), else the target stored in ``checkpoint`` (a path, or the loaded dict, whose file
+    ``checkpoint_name`` names in messages)."""
     if fitted is not None:
         return StainNormalizer(fitted)
-    name = "the checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
-        if getattr(cfg, "stain_normalize", "none") == "none" and not Path(checkpoint).is_file():
-            return StainNormalizer()  # nothing to normalise and no stored target to warn about
-        name, checkpoint = str(checkpoint), load_file(checkpoint)
-    return StainNormalizer(resolve_stain_target(cfg, checkpoint, name))
+        checkpoint_name, checkpoint = str(checkpoint), load_file(checkpoint)
+    return StainNormalizer(resolve_stain_target(cfg, checkpoint, checkpoint_name))

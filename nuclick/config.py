@@ -153,7 +153,7 @@ class TrainConfig(AugmentConfig, GuidanceConfig, NetworkConfig, CropsConfig, Sta
 
 
 @dataclass
-class InferConfig(ClickSmoothingConfig, WeightsConfig, BaseConfig):
+class InferConfig(ClickSmoothingConfig, WeightsConfig, StainNormalizeConfig, BaseConfig):
     """Interactive segmentation: one nucleus per click, merged into an instance map."""
 
     image: str = ""  # PNG/JPEG/TIFF, or a whole-slide image (read around the clicks only)

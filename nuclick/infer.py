@@ -21,6 +21,11 @@ nucleus, QuPath-compatible detections, full-image pixel coordinates). Whole-slid
 TIFFs that OpenSlide opens are read box by box, never whole; for them the instance map and overlay
 cover the bounding box of all click boxes (its origin is in the GeoJSON's ``properties``).
 
+Stain normalisation (``--stain-normalize macenko|reinhard``, off by default): each batch of click
+boxes is normalised on the device (each box fitted on its own) to the target (``--stain-target
+FILE...``, else the one the checkpoint stores) before the scaling to [-1, 1]; the click maps are
+not touched. A bad target stops the script at start-up with one line.
+
 Slide resolution: a whole-slide image is read so that the network sees its training µm/px
 (``model_mpp``: the checkpoint's config, 0.25 for the bundle's ``model.pt``, CoNSeP being 40x).
 With scale = model_mpp / slide_mpp level-0 pixels per network pixel, clicks (level-0 pixels) are
@@ -49,12 +54,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from common import dist
 from common.amp import MixedPrecision
+from common.augment import scale_intensity
 from common.checkpoint import load_file
 from common.io import atomic_write, atomic_write_text
 from common.config import parse_config
 from common.errors import UserError, exit_on_user_error
 from common.image import read_image
 from common.logging import progress
+from common.stain import StainNormalizer, inference_stain, target_from_files
 from common.wsi import (SLIDE_SUFFIXES, SlideError, best_level, open_slide, read_rgb, read_rgb_scaled, recorded_mpp,
                         resolve_scale, slide_mpp)
 from nuclick.config import CONSEP_MPP, InferConfig
@@ -235,12 +242,12 @@ def open_image(path: str | Path, max_pixels: int) -> ArrayImage | SlideImage:
     return ArrayImage(read_image(path))
 
 
-def model_resolution(checkpoint: str, override: float = 0.0) -> tuple[float, str]:
+def model_resolution(checkpoint: dict, override: float = 0.0) -> tuple[float, str]:
     """(µm/px the network was trained at, where that comes from): ``override`` (> 0), else the
-    checkpoint's config, else CoNSeP's (the bundle's ``model.pt`` carries no config)."""
+    config of ``checkpoint`` (loaded), else CoNSeP's (the bundle's ``model.pt`` carries no config)."""
     if override > 0:
         return override, "--model-mpp"
-    recorded = recorded_mpp(load_file(checkpoint))
+    recorded = recorded_mpp(checkpoint)
     return (recorded, "checkpoint config") if recorded else (CONSEP_MPP, "not recorded; CoNSeP's")
 
 
@@ -256,8 +263,9 @@ def use_slide_resolution(image: SlideImage, model_mpp: float, cfg: InferConfig) 
 
 # ============================================================================= patches
 class ClickPatches(Dataset):
-    """Item i: (float32 (5, bb, bb) network input of click i, i). Channels: RGB in [-1, 1], this
-    click, the other clicks inside the box (pixel set; a click on the same pixel is not negative)."""
+    """Item i: (float32 (5, bb, bb), i) for click i. Channels: the box's RGB in [0, 255] (made the
+    network's input on the device by :func:`network_input`), this click, the other clicks inside
+    the box (pixel set; a click on the same pixel is not negative)."""
 
     def __init__(self, image, xy: np.ndarray, boxes: np.ndarray, bb: int):
         self.image, self.xy, self.boxes, self.bb = image, xy, boxes, bb
@@ -267,7 +275,7 @@ class ClickPatches(Dataset):
 
     def __getitem__(self, i: int):
         r0, c0, _, _ = (int(v) for v in self.boxes[i])
-        rgb = self.image.read(r0, c0, self.bb, self.bb).astype(np.float32) / 127.5 - 1.0
+        rgb = self.image.read(r0, c0, self.bb, self.bb).astype(np.float32)
         maps = np.zeros((2, self.bb, self.bb), dtype=np.float32)
         x, y = self.xy[i]
         maps[0, y - r0, x - c0] = 1.0
@@ -276,6 +284,12 @@ class ClickPatches(Dataset):
         inside &= (self.xy[:, 0] != x) | (self.xy[:, 1] != y)
         maps[1, rel[inside, 1], rel[inside, 0]] = 1.0
         return torch.from_numpy(np.concatenate([rgb.transpose(2, 0, 1), maps])), i
+
+
+def network_input(x: torch.Tensor, stain: StainNormalizer = StainNormalizer()) -> torch.Tensor:
+    """A batch of :class:`ClickPatches` items on the device -> the network's input: RGB stain
+    normalised (when ``stain`` has a target; batched) and scaled to [-1, 1], click maps unchanged."""
+    return torch.cat([scale_intensity(stain(x[:, :3])), x[:, 3:]], dim=1)
 
 
 # ============================================================================= post-processing
@@ -400,14 +414,15 @@ def _save_png(path: Path, image: Image.Image) -> None:
 # ============================================================================= driver
 @torch.no_grad()
 def predict(model, image, xy: np.ndarray, boxes: np.ndarray, canvas: InstanceCanvas, cfg: InferConfig,
-            device: torch.device, amp: MixedPrecision) -> None:
-    """Batched forward over all clicks; each post-processed mask is pasted as instance i + 1."""
+            device: torch.device, amp: MixedPrecision, stain: StainNormalizer = StainNormalizer()) -> None:
+    """Batched forward over all clicks (boxes stain normalised when ``stain`` has a target); each
+    post-processed mask is pasted as instance i + 1."""
     workers = cfg.num_workers if isinstance(image, SlideImage) else 0
     loader = DataLoader(ClickPatches(image, xy, boxes, cfg.bb_size), batch_size=cfg.batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")
     channels_last = cfg.channels_last and device.type == "cuda"
     for x, idx in progress(loader, desc="clicks"):
-        x = x.to(device, non_blocking=True)
+        x = network_input(x.to(device, non_blocking=True), stain)
         if cfg.gaussian:
             x[:, 3:] = smooth_points(x[:, 3:], cfg.sigma, cfg.truncated)
         if channels_last:
@@ -432,13 +447,13 @@ def region_of(boxes: np.ndarray, image, max_pixels: int) -> tuple[int, int, int,
     return r0, c0, h, w
 
 
-def segment_clicks(model, image, xy: np.ndarray, cfg: InferConfig, device: torch.device,
-                   amp: MixedPrecision) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def segment_clicks(model, image, xy: np.ndarray, cfg: InferConfig, device: torch.device, amp: MixedPrecision,
+                   stain: StainNormalizer = StainNormalizer()) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """uint16 instance map over the output region (r0, c0, h, w) for integer (x, y) clicks."""
     boxes = click_boxes(xy, image.height, image.width, cfg.bb_size)
     r0, c0, h, w = region_of(boxes, image, cfg.max_region_pixels)
     canvas = InstanceCanvas(r0, c0, h, w)
-    predict(model, image, xy, boxes, canvas, cfg, device, amp)
+    predict(model, image, xy, boxes, canvas, cfg, device, amp, stain)
     return canvas.finalize(), (r0, c0, h, w)
 
 
@@ -484,25 +499,31 @@ def run(cfg: InferConfig) -> dict:
     ctx = dist.setup(cfg.device)
     if not cfg.image or not cfg.clicks or not cfg.checkpoint:
         raise SystemExit("infer.py needs --image IMG --clicks FILE --checkpoint FILE")
+    target = target_from_files(cfg)  # a bad --stain-target stops here, before anything is read
     image = open_image(cfg.image, cfg.max_region_pixels)
+    xy = usable_clicks(read_clicks(cfg.clicks), *image.level0_shape, source=cfg.clicks)  # level-0 pixels
+    checkpoint = load_file(cfg.checkpoint)  # read once: the weights, the recorded µm/px, the stored stain target
     resolution = {}
     if isinstance(image, SlideImage):
-        model_mpp, mpp_from = model_resolution(cfg.checkpoint, cfg.model_mpp)
+        model_mpp, mpp_from = model_resolution(checkpoint, cfg.model_mpp)
         resolution = use_slide_resolution(image, model_mpp, cfg)
         dist.print0(f"{Path(cfg.image).name}: {resolution['slide_mpp']:g} µm/px ({resolution['mpp_source']}), "
                     f"model {model_mpp:g} µm/px ({mpp_from}) -> level {resolution['level']}, "
                     f"resampling x{resolution['resampling']:.4g}")
-    xy = usable_clicks(read_clicks(cfg.clicks), *image.level0_shape, source=cfg.clicks)  # level-0 pixels
-    model, info = load_nuclick_weights(cfg.checkpoint, cfg.axis_order or None, ctx.device)
+    model, info = load_nuclick_weights(checkpoint, cfg.axis_order or None, ctx.device, name=cfg.checkpoint)
+    stain = inference_stain(cfg, target, checkpoint, cfg.checkpoint)
+    del checkpoint  # the model holds its own copy of the weights
     if cfg.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     amp = MixedPrecision(ctx.device, cfg.precision)
-    instances, region = segment_clicks(model, image, image.to_network(xy), cfg, ctx.device, amp)
+    instances, region = segment_clicks(model, image, image.to_network(xy), cfg, ctx.device, amp, stain)
     n = int(instances.max(initial=0))
     instances, region, polygons = to_level0(instances, region, image.scale, image.level0_shape)
     stem = Path(cfg.image).stem
     paths = write_outputs(Path(cfg.output_dir), stem, image, instances, region, xy, polygons)
-    dist.print0(f"{stem}: {len(xy)} clicks -> {n} nuclei ({info['kind']}, axis order {info['axis_order']}); "
+    where = stain.target.source if target is not None else "the checkpoint's stored target"
+    normalised = f"; {cfg.stain_normalize} stain normalisation to {where}" if stain.enabled else ""
+    dist.print0(f"{stem}: {len(xy)} clicks -> {n} nuclei ({info['kind']}, axis order {info['axis_order']}{normalised}); "
                 f"wrote {', '.join(p.name for p in paths.values())} to {cfg.output_dir}")
     return {"image": str(cfg.image), "clicks": int(len(xy)), "n_instances": n, "region": list(region),
             "checkpoint": info, **resolution, **{k: str(v) for k, v in paths.items()}}

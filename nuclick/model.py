@@ -161,12 +161,13 @@ def describe_checkpoint(obj: Any) -> tuple[str, str]:
 
 
 def load_nuclick_weights(path_or_obj: str | os.PathLike | dict, axis_order: str | None = None,
-                         device: torch.device | str = "cpu") -> tuple[BasicUNet, dict]:
-    """Build the network that fits a checkpoint and load it strictly.
+                         device: torch.device | str = "cpu", name: str | None = None) -> tuple[BasicUNet, dict]:
+    """Build the network that fits a checkpoint (a file, or one already loaded whose file ``name``
+    names) and load it strictly.
 
     ``axis_order`` overrides the detected order (``"hw"`` or ``"wh"``). Returns the model (eval
     mode, on ``device``) and a summary ``{path, kind, axis_order, features, epoch}``."""
-    name = str(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else "state_dict"
+    name = name or (str(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else "state_dict")
     obj = load_file(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else path_or_obj
     kind, detected = describe_checkpoint(obj)
     order = axis_order or detected

@@ -117,7 +117,8 @@ def demo_inference(cfg: TrainConfig, ctx: dist.DistContext) -> dict:
     for image in sorted((layout.consep / "Test" / "Images").glob("*.png")):
         result = infer(InferConfig(image=str(image), clicks=str(layout.clicks / f"{image.stem}.csv"),
                                    checkpoint=str(Path(cfg.output_dir) / "best.pt"), output_dir=str(out),
-                                   bb_size=cfg.demo_crop, device=cfg.device, precision=cfg.precision, num_workers=0))
+                                   bb_size=cfg.demo_crop, device=cfg.device, precision=cfg.precision, num_workers=0,
+                                   stain_normalize=cfg.stain_normalize))  # the target stored in best.pt
         gt = read_instance_map(layout.consep / "Test" / "Labels" / f"{image.stem}.mat")
         scores.append(instance_scores(read_instance_map(result["instances"]), gt))
     keys = ("instance_dice", "object_dice", "pixel_dice")

@@ -25,6 +25,7 @@ from camelyon.config import InferConfig, TrainConfig
 from camelyon.dataset import PatchRecord, training_mpp
 from camelyon.prepare import compute_tissue_mask
 from common.augment import scale_intensity
+from common.checkpoint import load_file
 from common.pyramidal_tiff import write_pyramidal_tiff
 
 PERIOD = 20  # level-0 px of one stripe pair
@@ -75,7 +76,9 @@ def run_recorded(monkeypatch, slide: Path, out: Path, **kw) -> tuple[dict, Recor
     """``camelyon.infer.run`` on one slide with the recording network (patch mode unless given)."""
     model = Recorder()
     monkeypatch.setattr(infer, "load_model", lambda *a, **k: (model, {"kind": "recorder", "path": "-"}))
-    cfg = dict(slides=str(slide), checkpoint="recorder.pt", output_dir=str(out), num_workers=0, model_mpp=MODEL_MPP,
+    stand_in = out.with_name(f"{out.name}_recorder.pt")  # infer.py reads its checkpoint file once, the weights unused
+    torch.save({"model": {}}, stand_in)
+    cfg = dict(slides=str(slide), checkpoint=str(stand_in), output_dir=str(out), num_workers=0, model_mpp=MODEL_MPP,
                mode="patch", export=["geojson", "asap"])
     summary = infer.run(InferConfig(**{**cfg, **kw}))[0]
     return summary, model
@@ -214,10 +217,10 @@ def test_model_resolution_from_checkpoint_config(tmp_path):
     torch.save({"fc.weight": torch.zeros(1, 512, 1, 1)}, tmp_path / "model.pt")  # bundle: no config
     torch.save({"model": {}, "config": {"mpp": 0.5}}, tmp_path / "best.pt")
     torch.save({"model": {}, "config": {"lr": 1e-3}}, tmp_path / "old.pt")  # before the field existed
-    assert infer.model_resolution(str(tmp_path / "model.pt"))[0] == 0.243
-    assert infer.model_resolution(str(tmp_path / "best.pt")) == (0.5, "checkpoint config")
-    assert infer.model_resolution(str(tmp_path / "old.pt"))[0] == 0.243
-    assert infer.model_resolution(str(tmp_path / "best.pt"), override=0.25) == (0.25, "--model-mpp")
+    assert infer.model_resolution(load_file(tmp_path / "model.pt"))[0] == 0.243
+    assert infer.model_resolution(load_file(tmp_path / "best.pt")) == (0.5, "checkpoint config")
+    assert infer.model_resolution(load_file(tmp_path / "old.pt"))[0] == 0.243
+    assert infer.model_resolution(load_file(tmp_path / "best.pt"), override=0.25) == (0.25, "--model-mpp")
 
 
 def test_model_trained_at_20x_reads_a_20x_slide_as_it_is(slides, tmp_path, monkeypatch):
@@ -243,7 +246,6 @@ def test_checkpoints_record_the_training_resolution(slides, tmp_path):
     """A one-step run on the 0.5 µm/px slide records mpp 0.5 in config.json and the checkpoints, and
     inference takes it from there."""
     import camelyon.train as train
-    from common.checkpoint import load_file
 
     (tmp_path / "list.csv").write_text("half,384,384,1,1,1,0,0,0,0,0,0\n")
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), train_list=str(tmp_path / "list.csv"),
@@ -252,4 +254,4 @@ def test_checkpoints_record_the_training_resolution(slides, tmp_path):
     train.main(cfg)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["mpp"] == pytest.approx(0.5)
     assert load_file(tmp_path / "run" / "last.pt")["config"]["mpp"] == pytest.approx(0.5)
-    assert infer.model_resolution(str(tmp_path / "run" / "best.pt")) == (pytest.approx(0.5), "checkpoint config")
+    assert infer.model_resolution(load_file(tmp_path / "run" / "best.pt")) == (pytest.approx(0.5), "checkpoint config")

@@ -63,7 +63,7 @@ def without_stain_step(monkeypatch):
 TRAIN_CONFIGS = [camelyon.config.TrainConfig, nuclick.config.TrainConfig, segpanda.config.TrainConfig,
                  pretrain.config.FinetuneConfig]
 EVAL_CONFIGS = [camelyon.config.InferConfig, camelyon.config.EvalConfig, nuclick.config.EvalConfig,
-                segpanda.config.EvalConfig, pretrain.config.EvalConfig]
+                nuclick.config.InferConfig, segpanda.config.EvalConfig, pretrain.config.EvalConfig]
 
 
 @pytest.mark.parametrize("cls", TRAIN_CONFIGS + EVAL_CONFIGS, ids=lambda c: f"{c.__module__}.{c.__name__}")
@@ -270,6 +270,84 @@ def test_slide_fit_uses_tissue_patches_spread_over_the_slide(he_slides, monkeypa
                                                                                    expected.lab_std)
     x = he_batch(2, 32, 7)
     assert torch.equal(fitted(x), per_tile.with_source(expected)(x))
+
+
+def test_slide_fit_without_enough_stain_falls_back_to_tile_fits(he_slides, tmp_path):
+    """Pale pink tissue (eosin only: optical density below Macenko's beta in the red channel) has no
+    Macenko tissue to fit a slide on: a warning, and each forward-pass input is fitted alone."""
+    import camelyon.infer as infer
+    from camelyon.prepare import tissue_mask_at
+
+    g = torch.Generator().manual_seed(4)
+    eosin = 0.03 + 0.01 * torch.rand(1, 256, 256, generator=g, dtype=torch.float64)
+    hed = torch.cat([torch.zeros_like(eosin), eosin, torch.zeros_like(eosin)])[None]
+    img = np.full((512, 512, 3), 245, np.uint8)
+    img[128:384, 128:384] = hed_to_rgb(hed)[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
+    write_pyramidal_tiff(tmp_path / "pale.tif", img, compression="deflate")
+    tm = tissue_mask_at(tmp_path / "pale.tif", 64.0, 1.0)
+    assert tm.mask.sum() >= 4
+    per_tile = StainNormalizer(StainTarget.from_files(he_slides / "target.png", "macenko"))
+    with pytest.warns(RuntimeWarning, match=r"pale\.tif: the \d+ tissue patches of its stain fit: no tissue to fit "
+                                            r"stain statistics on.*each forward-pass input is fitted alone instead"):
+        assert infer.slide_stain(per_tile, tmp_path / "pale.tif", tm, 1.0, "slide") is per_tile
+    reinhard = StainNormalizer(StainTarget.from_files(he_slides / "target.png", "reinhard"))
+    assert infer.slide_stain(reinhard, tmp_path / "pale.tif", tm, 1.0, "slide").source is not None  # pink is tissue there
+
+
+# ============================================================================= nuclick click inference
+class InputRecorder(torch.nn.Module):
+    """Stand-in click network: keeps every input it is given, finds no nucleus."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return torch.full((x.shape[0], 1, *x.shape[2:]), -10.0)
+
+
+def test_nuclick_click_boxes_normalised_to_the_file_or_the_checkpoint_target(he_slides, tmp_path, monkeypatch):
+    """nuclick/infer.py: the network gets each click box normalised (batched) then scaled, to the
+    --stain-target file's target or, without it, to the checkpoint's; click maps untouched; off:
+    exactly the scaling it had before the stain step."""
+    import nuclick.infer as nuclick_infer
+    from common.augment import scale_intensity
+    from common.stain import normalize_stain
+
+    rgb = he_rgb(160, 160, 13)
+    Image.fromarray(rgb).save(tmp_path / "tile.png")
+    clicks = np.array([[40, 50], [100, 90]])
+    (tmp_path / "clicks.csv").write_text("".join(f"{x},{y}\n" for x, y in clicks))
+    target_file = tmp_path / "target.png"
+    shutil.copy(he_slides / "target.png", target_file)
+    target = StainTarget.from_files(target_file, "reinhard")
+    torch.save({"model": {}, "stain_target": target.to_state()}, tmp_path / "model.pt")
+    recorder = InputRecorder()
+    monkeypatch.setattr(nuclick_infer, "load_nuclick_weights",
+                        lambda *a, **k: (recorder, {"kind": "recorder", "axis_order": "hw"}))
+
+    def network_inputs(out: str, **stain) -> torch.Tensor:
+        recorder.inputs.clear()
+        nuclick_infer.run(nuclick.config.InferConfig(image=str(tmp_path / "tile.png"), clicks=str(tmp_path / "clicks.csv"),
+                                                     checkpoint=str(tmp_path / "model.pt"), output_dir=str(tmp_path / out),
+                                                     bb_size=64, device="cpu", num_workers=0, **stain))
+        return torch.cat(recorder.inputs)
+
+    with pytest.warns(UserWarning, match="reinhard-normalised images"):
+        plain = network_inputs("none")
+    from_file = network_inputs("file", stain_normalize="reinhard", stain_target=[str(target_file)])
+    target_file.unlink()  # from here on only the checkpoint knows the target
+    from_checkpoint = network_inputs("checkpoint", stain_normalize="reinhard")
+
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float()
+    boxes = [image[:, r0:r1, c0:c1] for r0, c0, r1, c1 in nuclick_infer.click_boxes(clicks, 160, 160, 64)]
+    raw = torch.stack(boxes)
+    assert torch.equal(plain[:, :3], raw / 127.5 - 1.0)
+    assert torch.equal(from_file[:, :3], scale_intensity(normalize_stain(raw, target)))
+    assert not torch.equal(from_file[:, :3], plain[:, :3])
+    assert torch.equal(from_file[:, 3:], plain[:, 3:]) and plain[:, 3].sum() == 2  # one click map per box
+    assert torch.equal(from_checkpoint, from_file)
 
 
 # ============================================================================= resolving the target

@@ -14,7 +14,7 @@ from PIL import Image
 from common.amp import MixedPrecision
 from nuclick.config import InferConfig
 from nuclick.infer import (ArrayImage, ClickError, ClickPatches, click_boxes, instance_polygons, largest_component,
-                           open_image, post_filter, read_clicks, run, segment_clicks, usable_clicks)
+                           network_input, open_image, post_filter, read_clicks, run, segment_clicks, usable_clicks)
 from nuclick.model import build_model
 
 DEMO = "nuclei/nuclick_demo"
@@ -80,7 +80,8 @@ def test_click_boxes_shift_inside_and_patches():
     xy = np.array([[100, 60], [110, 70], [100, 60], [5, 3]])  # a duplicate and a far click
     patches = ClickPatches(ArrayImage(rgb), xy, click_boxes(xy, 120, 200, 64), 64)
     x, i = patches[0]
-    assert i == 0 and x.shape == (5, 64, 64) and torch.all(x[:3] == 1.0)
+    assert i == 0 and x.shape == (5, 64, 64) and torch.all(x[:3] == 255.0)  # scaled on the device
+    assert torch.all(network_input(x[None])[0, :3] == 1.0) and torch.equal(network_input(x[None])[0, 3:], x[3:])
     assert torch.nonzero(x[3]).tolist() == [[60 - 28, 100 - 68]]
     assert torch.nonzero(x[4]).tolist() == [[70 - 28, 110 - 68]]  # duplicate pixel is not negative; far click outside
 
