@@ -55,7 +55,7 @@ from common.cache import cached_arrays
 from common.checkpoint import load_file
 from common.config import ConfigError, parse_config
 from common.errors import USER_ERRORS, DataError, UserError, describe, exit_on_user_error
-from common.finished import FinishedWork
+from common.finished import FinishedWork, InputsFailed, append_summary
 from common.foundation import FOUNDATION_MODELS, TileEncoder, load_tile_encoder
 from common.io import atomic_write, atomic_write_text, file_sha256
 from common.logging import progress
@@ -64,7 +64,7 @@ from common.wsi import SlideHandles, list_slides, open_slide, read_rgb_scaled, r
 
 FORMAT_VERSION = 1
 MASK_CELLS = 4  # mask cells per tile side
-SLIDE_ERRORS = USER_ERRORS + (openslide.OpenSlideError, OSError)
+SLIDE_ERRORS = USER_ERRORS + (openslide.OpenSlideError,)
 SUMMARY = "features.jsonl"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 LOCAL_BACKBONES = ("camelyon", "resnet18", "resnet50", "resnet50-trunc", "import")
@@ -316,8 +316,7 @@ class FeatureRun:
             summary = {"slide": slide.name, "status": "failed",
                        "error": text if text.startswith(str(slide)) else f"{slide}: {text}"}
             print(f"{slide.name}: failed: {summary['error']}", flush=True)
-        with open(self.out / SUMMARY, "a") as fh:  # one short line per slide, appended in one write
-            fh.write(json.dumps(summary) + "\n")
+        append_summary(self.out / SUMMARY, summary)
         return summary
 
 
@@ -351,23 +350,16 @@ def run(cfg: FeatureConfig) -> list[dict]:
     return summaries
 
 
-class SlidesFailed(UserError):
-    def __init__(self, summaries: list[dict]):
-        failed = [s for s in summaries if s["status"] == "failed"]
-        super().__init__(f"{len(failed)} of {len(summaries)} slides failed: " + "; ".join(s["error"] for s in failed))
-        self.status = min(len(failed), 100)
-
-
 def main(cfg: FeatureConfig) -> None:
     summaries = run(cfg)
     dist.cleanup()
     if any(s["status"] == "failed" for s in summaries):
-        raise SlidesFailed(summaries)
+        raise InputsFailed(summaries)
 
 
 if __name__ == "__main__":
     with exit_on_user_error():
         try:
             dist.launch(main, parse_config(FeatureConfig))
-        except SlidesFailed as err:
+        except InputsFailed as err:  # already reported
             raise SystemExit(err.status) from None

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -69,7 +68,7 @@ from common.augment import scale_intensity
 from common.cache import cached_arrays
 from common.checkpoint import load_file
 from common.errors import USER_ERRORS, DataError, UserError, describe, exit_on_user_error
-from common.finished import FinishedWork
+from common.finished import FinishedWork, InputsFailed, append_summary, failure_line
 from common.io import atomic_write, atomic_write_text, file_sha256
 from common.config import parse_config
 from common.logging import progress
@@ -484,15 +483,9 @@ def error_text(err: BaseException, slide: Path) -> str:
 
 
 def append_summary_line(out: Path, summary: dict) -> None:
-    """One JSON line per slide in ``inference.jsonl``, appended in one write (whole lines even when
-    several processes append, or one is killed)."""
+    """The slide's line in ``inference.jsonl``."""
     keys = ("slide", "status", "tissue_cells", "seconds", "detections", "resumed_units", "error", "warning")
-    line = json.dumps({k: summary[k] for k in keys if k in summary}) + "\n"
-    fd = os.open(out / SUMMARY, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    append_summary(out / SUMMARY, {k: summary[k] for k in keys if k in summary})
 
 
 def process_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecision, model_mpp: float,
@@ -645,30 +638,16 @@ def print_summaries(summaries: list[dict]) -> None:
         print(failure_line(summaries), flush=True)
 
 
-def failure_line(summaries: list[dict]) -> str:
-    failed = [s for s in summaries if s["status"] == "failed"]
-    return f"{len(failed)} of {len(summaries)} slides failed: " + "; ".join(s["error"] for s in failed)
-
-
-class SlidesFailed(UserError):
-    """Some slides of a folder run failed (each reported in ``inference.jsonl``); ``status`` is
-    the command's exit status: the number that failed, at most 100."""
-
-    def __init__(self, summaries: list[dict]):
-        super().__init__(failure_line(summaries))
-        self.status = min(sum(s["status"] == "failed" for s in summaries), 100)
-
-
 def main(cfg: InferConfig) -> None:
     summaries = run(cfg)
     dist.cleanup()
     if any(s["status"] == "failed" for s in summaries):
-        raise SlidesFailed(summaries)
+        raise InputsFailed(summaries)
 
 
 if __name__ == "__main__":
     with exit_on_user_error():
         try:
             dist.launch(main, parse_config(InferConfig))
-        except SlidesFailed as err:  # already reported; under --hosts it arrives as a one-line UserError
+        except InputsFailed as err:  # already reported; under --hosts it arrives as a one-line UserError
             raise SystemExit(err.status) from None

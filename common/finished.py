@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from common.errors import UserError
 from common.io import atomic_write_text
 
 RECORDS = ".finished"
@@ -77,3 +78,28 @@ class FinishedWork:
         path = self._path(name)
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
         return path
+
+
+def append_summary(path: str | os.PathLike, record: dict) -> None:
+    """One JSON line per input in a run summary (``inference.jsonl``, ``features.jsonl``), appended in
+    one write: whole lines even when several processes append, or one is killed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def failure_line(summaries: Sequence[dict], what: str = "slides") -> str:
+    failed = [s for s in summaries if s["status"] == "failed"]
+    return f"{len(failed)} of {len(summaries)} {what} failed: " + "; ".join(s["error"] for s in failed)
+
+
+class InputsFailed(UserError):
+    """Some inputs of a folder run failed (each reported in its summary file); ``status`` is the
+    command's exit status: the number that failed, at most 100. The ``__main__`` block turns it
+    into that status (the failures were printed already)."""
+
+    def __init__(self, summaries: Sequence[dict], what: str = "slides"):
+        super().__init__(failure_line(summaries, what))
+        self.status = min(sum(s["status"] == "failed" for s in summaries), 100)

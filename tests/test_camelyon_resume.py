@@ -17,6 +17,7 @@ from camelyon import infer
 from camelyon.config import InferConfig
 from camelyon.model import build_model
 from common.errors import UserError
+from common.finished import InputsFailed
 from common.pyramidal_tiff import write_pyramidal_tiff
 from common_testutils import finish, free_port, read_jsonl, start
 
@@ -201,7 +202,7 @@ def test_unreadable_slides_are_reported_and_the_others_finish(slide_dir, tmp_pat
     write_pyramidal_tiff(folder / "f_blank.tif", np.full((1024, 1024, 3), 245, np.uint8))
     cfg = InferConfig(slides=str(folder), checkpoint=str(save_random_weights(tmp_path / "model.pt", 0)),
                       output_dir=str(tmp_path / "out"), num_workers=0, tile_cells=8)
-    with pytest.raises(infer.SlidesFailed) as failure, pytest.warns(UserWarning, match="no tissue"):
+    with pytest.raises(InputsFailed) as failure, pytest.warns(UserWarning, match="no tissue"):
         infer.main(cfg)
     assert failure.value.status == 3 and str(failure.value).startswith("3 of 6 slides failed: ")
     lines = by_slide(read_jsonl(tmp_path / "out" / infer.SUMMARY))
@@ -233,8 +234,8 @@ def test_one_unreadable_slide_is_a_user_error(slide_dir, tmp_path):
 
 def test_exit_status_counts_failures_up_to_100(slide_dir, tmp_path):
     failed = {"status": "failed", "error": "x.tif: bad"}
-    assert infer.SlidesFailed([failed] * 2 + [{"status": "ok"}]).status == 2
-    assert infer.SlidesFailed([failed] * 300).status == 100
+    assert InputsFailed([failed] * 2 + [{"status": "ok"}]).status == 2
+    assert InputsFailed([failed] * 300).status == 100
     folder = tmp_path / "slides"
     folder.mkdir()
     (folder / "a.tif").write_bytes((slide_dir / "a.tif").read_bytes())
