@@ -233,7 +233,6 @@ class MILConfig(BaseConfig):
     bootstrap: int = 1000  # bootstrap resamples of the 95 % confidence intervals
     heatmaps: int = 4  # attention heatmaps (PNG) and top-tile GeoJSON for this many test slides (0: none)
     top_tiles: int = 20  # tiles per slide in the attention GeoJSON
-    slides: str = ""  # slide folder: thumbnails under the heatmaps
     compare: list[Literal["max-probability"]] = field(default_factory=list)  # baselines in the same table
     maps: str = ""  # --compare max-probability: infer.py output folder (<slide>.npy maps)
     num_workers: int = 0
