@@ -380,7 +380,7 @@ def large_vs_small(cfg: BenchConfig, slides=None) -> dict:
 
 
 # ============================================================================= --shapes
-SHAPE_KINDS = ("dense", "dense_keep", "forward", "patch", "naive", "monai")
+SHAPE_KINDS = ("dense", "dense_keep", "dense_tile", "forward", "patch", "naive", "monai")
 
 
 def _monai_map(slide: str, model, batch_size: int, workers: int) -> int:
@@ -419,10 +419,11 @@ def _shape_measure(kind: str, slide: str, checkpoint: str, out_dir: str, cfg: Be
 
     infer_cfg = InferConfig(slides=slide, checkpoint=checkpoint, output_dir=out_dir, num_workers=cfg.num_workers,
                             device=cfg.device, precision=cfg.precision,
-                            mode="patch" if kind == "patch" else "dense", keep_freed_memory=kind == "dense_keep")
+                            mode="patch" if kind == "patch" else "dense", keep_freed_memory=kind == "dense_keep",
+                            dense_engine="tile" if kind == "dense_tile" else "auto")
     t0 = time.perf_counter()
     result: dict = {"kind": kind}
-    if kind in ("dense", "dense_keep", "patch"):
+    if kind in ("dense", "dense_keep", "dense_tile", "patch"):
         with contextlib.redirect_stdout(io.StringIO()):
             summary = run(infer_cfg)[0]
         result.update(cells=summary["tissue_cells"], seconds=time.perf_counter() - t0)
@@ -434,6 +435,8 @@ def _shape_measure(kind: str, slide: str, checkpoint: str, out_dir: str, cfg: Be
         result.update(plan_summary(tm.mask, tiles))
         device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
         model, _ = load_model(checkpoint, device, use_channels_last(infer_cfg, device))
+        result["sparse_px_per_tissue_px"] = sparse_work(model, tm.mask, tiles)
+        result["exact_bound_vs_patch"] = exact_bound_vs_patch(model, tm.mask)
         net = lean_dense_model(model)
         fmt = torch.channels_last if use_channels_last(infer_cfg, device) else torch.contiguous_format
         t0 = time.perf_counter()
@@ -467,6 +470,34 @@ def _shape_measure(kind: str, slide: str, checkpoint: str, out_dir: str, cfg: Be
                       seconds=time.perf_counter() - t0)
     result["peak_rss_mb"] = peak_rss_mb()
     queue.put(result)
+
+
+def sparse_work(model, mask: np.ndarray, tiles) -> float:
+    """The sparse engine's multiply-adds for the plan's tiles, as input pixels of the whole-tile
+    forward (its multiply-adds per pixel) per tissue pixel: comparable with px read per tissue px."""
+    from camelyon.infer import HALO, tile_outputs
+    from camelyon.sparse import SparseResNet
+    from camelyon.tiling import tile_side
+
+    sparse = SparseResNet(model)
+    macs = sum(sparse.multiply_adds(sparse.plan(tile_outputs(t, mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols], 2, HALO),
+                                                int(tile_side(t.rows, 2)), int(tile_side(t.cols, 2)))) for t in tiles)
+    return macs / sparse.dense_multiply_adds_per_pixel() / (int(mask.sum()) * 64 ** 2)
+
+
+def exact_bound_vs_patch(model, mask: np.ndarray) -> float:
+    """How many times fewer multiply-adds than one 224 patch per tissue cell (patch mode, MONAI) any
+    exact dense computation needs: every layer computed once, only where the slide's tissue cells
+    need it (the whole slide one tile, the finest blocks)."""
+    from camelyon.infer import HALO, tile_outputs
+    from camelyon.sparse import SparseResNet
+    from camelyon.tiling import Tile, tile_side
+
+    finest = SparseResNet(model, block_px=32)
+    rows, cols = mask.shape
+    plan = finest.plan(tile_outputs(Tile(0, 0, rows, cols), mask, 2, HALO), int(tile_side(rows, 2)), int(tile_side(cols, 2)))
+    patch = finest.dense_multiply_adds_per_pixel() * 224 ** 2 * int(mask.sum())
+    return patch / finest.multiply_adds(plan)
 
 
 def _shape_measure_or_report(*args) -> None:
@@ -522,14 +553,17 @@ def tissue_shapes(cfg: BenchConfig) -> dict:
             plan = r.get("forward", {})
             print(f"{name}: {r[next(iter(r))]['cells']} tissue cells"
                   + (f", dense plan {plan['tiles']} tiles, tissue {plan['tissue_fraction_of_tile_cells']:.0%} of "
-                     f"tile cells, {plan['pixels_per_tissue_pixel']:.2f} px read per tissue px" if plan else ""))
+                     f"tile cells, {plan['pixels_per_tissue_pixel']:.2f} px read per tissue px, sparse engine computes "
+                     f"{plan['sparse_px_per_tissue_px']:.2f} px-equivalents per tissue px; an exact dense computation "
+                     f"needs at least {plan['exact_bound_vs_patch']:.1f}x fewer multiply-adds than patch mode"
+                     if plan else ""))
             for k, m in r.items():
                 print(f"  {k:>10}: {m['cells_per_s']:7.1f} tissue cells/s  ({m['process_s']:6.1f} s whole process, "
                       f"peak RSS {m['peak_rss_mb']:.0f} MB)")
             for base in ("monai", "naive", "patch", "forward"):
                 if base in r and "dense" in r:
                     line = ", ".join(f"{k} {r[base]['process_s'] / r[k]['process_s']:.2f}x"
-                                     for k in ("dense", "dense_keep") if k in r)
+                                     for k in ("dense", "dense_keep", "dense_tile") if k in r)
                     print(f"  speed-up over {base}: {line}")
     print(json.dumps(results))
     return results

@@ -61,6 +61,7 @@ from camelyon.config import InferConfig
 from camelyon.dataset import CAMELYON16_MPP, PATCH
 from camelyon.model import STRIDE, TumorDetectionNet, build_model, lean_dense_model, load_detector_weights
 from camelyon.prepare import TissueMask, tissue_mask_at
+from camelyon.sparse import WORTH_IT, SparseResNet
 from camelyon.tiling import HALO, Tile, plan_tiles
 from common import dist
 from common.amp import MixedPrecision
@@ -86,7 +87,7 @@ HALF = PATCH // 2
 #: resolved stain target's statistics change
 OUTPUT_SETTINGS = ("mode", "mask_downsample", "slide_mpp", "mpp_tolerance", "precision", "nms_threshold", "nms_box",
                    "nms_sigma", "export", "contours", "tta", "stain_normalize", "stain_fit")
-MODE_SETTINGS = {"dense": ("tile_cells",), "patch": ("batch_size",)}
+MODE_SETTINGS = {"dense": ("tile_cells", "dense_engine"), "patch": ("batch_size",)}
 #: what makes one slide fail without stopping a folder run: the user errors (a missing or corrupt
 #: file, no tissue, ...) and the errors OpenSlide raises when a tile of a truncated file is read
 SLIDE_ERRORS = USER_ERRORS + (openslide.OpenSlideError,)
@@ -276,17 +277,63 @@ class DenseTiles(Dataset):
         return torch.from_numpy(rgb).permute(2, 0, 1), i
 
 
+def tile_outputs(tile: Tile, block: np.ndarray, step: int, first: int) -> np.ndarray:
+    """The outputs a tile needs, on its network output grid (stride 32): its tissue cells' own outputs
+    (first + i * step, first + j * step); ``block`` is the tile's part of the tissue mask."""
+    side = lambda cells: first * 2 + step * (cells - 1) + 1  # outputs per side of the halo'd tile
+    need = np.zeros((side(tile.rows), side(tile.cols)), dtype=bool)
+    need[first::step, first::step][:tile.rows, :tile.cols] = block
+    return need
+
+
+class TileProbability:
+    """A dense tile's probability grid (stride 32), averaged over the test-time transforms, by one of
+    two engines (same values up to float rounding):
+
+    - ``tile``: the network over the whole tile (its stem in row strips, ``lean_dense_model``);
+    - ``sparse``: :class:`camelyon.sparse.SparseResNet`, each layer only where the tile's tissue
+      cells need it (the tile and its needed outputs transformed alike, the grid transformed back);
+    - ``auto``: sparse for the tiles where it saves at least ``camelyon.sparse.WORTH_IT`` of the
+      multiply-adds (thin or scattered tissue), tile for the others.
+
+    Networks other than ``TumorDetectionNet`` (test stand-ins) always run whole tiles."""
+
+    def __init__(self, model, amp: MixedPrecision, tta: list[str], engine: str = "auto"):
+        is_detector = isinstance(model, TumorDetectionNet)
+        self.net = lean_dense_model(model) if is_detector else model
+        self.sparse = SparseResNet(model) if is_detector and engine != "tile" else None
+        self.amp, self.tta, self.engine = amp, tta, engine
+        self.sparse_tiles = 0
+
+    def __call__(self, x: torch.Tensor, need: np.ndarray) -> torch.Tensor:  # x (1, 3, H, W) -> (h, w)
+        plan = self.sparse.plan(need, x.shape[-2], x.shape[-1]) if self.sparse is not None else None
+        if plan is None or (self.engine == "auto" and self.sparse.saving(plan, x.shape[-2], x.shape[-1]) < WORTH_IT):
+            return averaged_probability(self.net, x, self.amp, self.tta)[0, 0]
+        self.sparse_tiles += 1
+        total = None
+        for name in self.tta:
+            need_t = dihedral(torch.from_numpy(need), name).numpy()
+            with self.amp.autocast():
+                logits = self.sparse(dihedral(x[0], name), need_t, plan if name == "id" else None)
+            p = undo_dihedral(torch.sigmoid(logits.float()), name)
+            total = p if total is None else total + p
+        return total / len(self.tta) if len(self.tta) > 1 else total
+
+
 @torch.no_grad()
 def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecision, tile_cells: int = 32,
                    workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0,
                    partial: SlideProgress | None = None, halo: bool = True, tta: list[str] = ("id",),
-                   stain: StainNormalizer = StainNormalizer()) -> np.ndarray:
+                   stain: StainNormalizer = StainNormalizer(), engine: str = "auto") -> np.ndarray:
     """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel. With
     ``partial`` the tiles it holds as done are not computed again. ``halo=False`` reads only each
     tile's own windows (zero padding around it: a 1-cell tile is then exactly patch mode). ``tta``:
     each tile transformed, its output grid transformed back (tile sides are 224 + 32k, so every
     transformed window is on the grid again): each cell gets the average over the transforms of its
-    window with its context, as patch mode averages over transformed patches."""
+    window with its context, as patch mode averages over transformed patches.
+
+    ``engine``: how each tile is computed (:class:`TileProbability`: auto, sparse or tile; without
+    the halo always tile). Same values up to float rounding."""
     ratio = tm.ratio / scale  # grid cell in network pixels (64)
     step = cell_step(ratio)
     tiles = plan_tiles(tm.mask, tile_cells, step)
@@ -297,12 +344,13 @@ def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecisio
     # largest first: later, smaller tiles reuse the memory the first ones freed (no heap growth)
     ds = Subset(DenseTiles(slide, tiles, ratio, step, scale, halo), todo)
     first = HALO if halo else 0  # output of the tile's first cell
-    net = lean_dense_model(model) if isinstance(model, TumorDetectionNet) else model  # stem in row strips
+    tile_probability = TileProbability(model, amp, tta, engine if halo else "tile")
     for tile_img, i in progress(_loader(ds, workers, device), desc=desc or "tiles", total=len(ds)):
         t = tiles[int(i)]
-        prob_grid = averaged_probability(net, _to_device(tile_img[None], device, channels_last, stain), amp, tta)
-        p = prob_grid[0, 0, first::step, first::step].cpu().numpy()  # (1, 1, h, w) at stride 32 -> (rows, cols)
         block = tm.mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
+        x = _to_device(tile_img[None], device, channels_last, stain)
+        prob_grid = tile_probability(x, tile_outputs(t, block, step, first))  # (h, w) at stride 32
+        p = prob_grid[first::step, first::step].cpu().numpy()  # -> (rows, cols)
         target = prob[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         target[block] = p[:t.rows, :t.cols][block]
         if partial is not None:
@@ -452,7 +500,8 @@ def infer_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecisio
     if cfg.mode == "patch":
         prob = patch_mode_map(model, str(slide), tm, device, amp, batch_size=cfg.batch_size, **kwargs)
     else:
-        prob = dense_mode_map(model, str(slide), tm, device, amp, tile_cells=cfg.tile_cells, **kwargs)
+        prob = dense_mode_map(model, str(slide), tm, device, amp, tile_cells=cfg.tile_cells, engine=cfg.dense_engine,
+                              **kwargs)
     dets = write_outputs(Path(cfg.output_dir), slide.stem, prob, tm, cfg, scale)
     return {"slide": slide.name, "tissue_cells": int(tm.mask.sum()), "grid": list(tm.mask.shape),
             "ratio": tm.ratio, **res, "detections": len(dets), "max_probability": float(prob.max(initial=0.0)),

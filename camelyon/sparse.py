@@ -1,0 +1,249 @@
+"""Exact dense inference that computes every layer only where the tissue cells need it.
+
+A dense tile (``camelyon.infer.DenseTiles``) runs the whole network over its rectangle and its 224-px
+halo, although a tissue cell's output depends only on a cone of each layer: the layer-4 positions of
+its 7 x 7 pool, the layer-3 positions those read, and so on down to 627 px of input. Over background
+inside the rectangle, and in the halo where the cone has already narrowed, that work is thrown
+away: on irregular tissue the full-tile forward computes 2.1--6.1 input pixels per tissue pixel, the
+cones 1.2--2.9 (``bench.py --shapes`` prints both).
+
+:class:`SparseResNet` runs the same ResNet layer by layer (stage-synchronous), each convolution on
+the blocks of ``block_px`` x ``block_px`` input pixels (one grid cell by default) that hold a
+position the cells need, as in SBNet (Ren et al., CVPR 2018): the blocks' inputs, with the kernel's
+border, are gathered from the previous layer's buffer in one indexing operation, convolved without
+padding (batch-norm folded into the convolution) and scattered into the next buffer. Nothing is
+computed twice, no output sees padding: a needed position reads only positions that were needed one
+layer down and therefore computed. Positions computed only because their block was (the rounding)
+may read uncleared buffer memory and hold anything, NaN included; no needed position reads them. The result equals
+the full-tile forward at the needed outputs up to float rounding (tests/test_camelyon_sparse.py).
+
+The buffers hold a whole tile per layer (the stride-4 ones: 64 channels at a quarter of the tile's
+side, about 200 MB for a 48-cell tile); each convolution is run on at most ``chunk`` output
+positions at a time, so the gathered copies stay small.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.ndimage import maximum_filter
+
+#: block sides in input pixels for the stem and layers 1-4: one grid cell where positions are many,
+#: larger where they are few (a convolution on 2 x 2-position blocks runs far below the machine's rate)
+BLOCK_PX = (64, 64, 64, 128, 256)
+#: ``engine="auto"`` runs a tile sparsely when the plain forward pass would compute this many times
+#: its multiply-adds: the sparse engine's gathers, scatters and small convolutions run at about 1/1.25
+#: of the plain pass's rate (2 CPU cores; measured in tests of islands and strips, bench.py --shapes)
+WORTH_IT = 1.3
+#: positions around every buffer, so that every block's gather window lies inside it
+MARGIN = 8
+
+
+@dataclass
+class Conv:
+    """A convolution with its batch-norm folded in: y = conv(x, weight, stride, padding) + bias."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    stride: int
+    padding: int
+
+    @property
+    def kernel(self) -> int:
+        return self.weight.shape[-1]
+
+    @classmethod
+    def folded(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "Conv":
+        scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+        weight = conv.weight.detach() * scale[:, None, None, None]
+        bias = bn.bias.detach() - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias.detach() * scale
+        return cls(weight.contiguous(memory_format=torch.channels_last), bias.contiguous(), conv.stride[0],
+                   conv.padding[0])
+
+    def needed_input(self, need: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Input positions (a bool mask of ``shape``) that the outputs ``need`` read."""
+        return _needed_input(need, self.kernel, self.stride, self.padding, shape)
+
+
+def _needed_input(need: np.ndarray, kernel: int, stride: int, padding: int, shape: tuple[int, int]) -> np.ndarray:
+    """Output j of a (kernel, stride, padding) window reads inputs [stride j - padding, ... + kernel - 1]."""
+    out = np.zeros(shape, dtype=bool)
+    r, c = np.nonzero(need)
+    centre = (kernel - 1) // 2 - padding
+    rr, cc = stride * r + centre, stride * c + centre
+    keep = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
+    out[rr[keep], cc[keep]] = True
+    return maximum_filter(out, size=kernel) if kernel > 1 else out
+
+
+@dataclass
+class Block:
+    """A ResNet basic block, folded: relu(conv2(relu(conv1(x))) + shortcut(x))."""
+    conv1: Conv
+    conv2: Conv
+    shortcut: Conv | None  # None: identity
+
+
+class SparseResNet:
+    """``model`` (a ``camelyon.model.TumorDetectionNet``, eval mode) evaluated block-sparsely, see the
+    module docstring. ``block_px`` must be a multiple of 32 (the deepest stride)."""
+
+    def __init__(self, model: nn.Module, block_px: tuple[int, ...] = BLOCK_PX, chunk: int = 1 << 18):
+        block_px = (block_px,) * 5 if isinstance(block_px, int) else tuple(block_px)
+        grid_px = max(block_px)
+        if len(block_px) != 5 or any(px % s or grid_px % px for px, s in zip(block_px, (4, 4, 8, 16, 32))):
+            raise ValueError(f"block_px {block_px}: five block sides (stem, layer1..4), each a multiple of its "
+                             f"stride (4, 4, 8, 16, 32) and dividing the largest")
+        f = model.features  # conv1, bn1, relu, maxpool, layer1..4
+        self.stem = Conv.folded(f[0], f[1])
+        self.layers = [[Block(Conv.folded(b.conv1, b.bn1), Conv.folded(b.conv2, b.bn2),
+                              Conv.folded(b.downsample[0], b.downsample[1]) if b.downsample is not None else None)
+                        for b in layer] for layer in f[4:8]]
+        self.pool = model.pool.kernel_size if isinstance(model.pool.kernel_size, int) else model.pool.kernel_size[0]
+        self.fc_weight, self.fc_bias = model.fc.weight.detach(), model.fc.bias.detach()
+        self.block_px, self.grid_px, self.chunk = block_px, grid_px, chunk
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, outputs: np.ndarray, height: int, width: int) -> dict:
+        """Needed positions of every layer for the network ``outputs`` (bool, the stride-32 output
+        grid of an input of height x width), walking the network backwards; per convolution the
+        blocks to compute."""
+        n_blocks = (-(-height // self.grid_px), -(-width // self.grid_px))
+
+        def grid(stride: int) -> tuple[int, int]:
+            return n_blocks[0] * self.grid_px // stride, n_blocks[1] * self.grid_px // stride
+
+        need = _needed_input(np.pad(outputs, ((0, grid(32)[0] - outputs.shape[0]), (0, grid(32)[1] - outputs.shape[1]))),
+                             self.pool, 1, 0, grid(32))  # the average pool reads [j, j + 6]
+        plan = {"layers": [], "n_blocks": n_blocks}
+        stride = 32
+        for px, layer in zip(reversed(self.block_px[1:]), reversed(self.layers)):
+            blocks = []
+            for block in reversed(layer):
+                in_stride = stride // block.conv1.stride
+                mid = block.conv2.needed_input(need, grid(stride))
+                into = block.conv1.needed_input(mid, grid(in_stride))
+                if block.shortcut is not None:
+                    into |= block.shortcut.needed_input(need, grid(in_stride))
+                else:
+                    into |= need
+                blocks.append((self._blocks(mid, stride, px), self._blocks(need, stride, px)))
+                need = into
+            stride = stride // layer[0].conv1.stride
+            plan["layers"].append(list(reversed(blocks)))
+        plan["layers"].reverse()
+        plan["stem"] = self._blocks(need, 4, self.block_px[0])  # stem outputs needed at stride 4
+        return plan
+
+    def multiply_adds(self, plan: dict) -> int:
+        """Multiply-adds the convolutions of ``plan`` compute (the stem's blocks with their overlap)."""
+        b = self.block_px[0] // 4
+        total = len(plan["stem"]) * (2 * b + 1) ** 2 * self.stem.weight[0].numel() * self.stem.weight.shape[0]
+        stride = 4
+        for px, layer, layer_plan in zip(self.block_px[1:], self.layers, plan["layers"]):
+            for block, (mid_blocks, out_blocks) in zip(layer, layer_plan):
+                stride *= block.conv1.stride
+                positions = (px // stride) ** 2
+                per_out = block.conv2.weight[0].numel() + (block.shortcut.weight[0].numel() if block.shortcut else 0)
+                total += positions * (len(mid_blocks) * block.conv1.weight.numel()
+                                      + len(out_blocks) * per_out * block.conv2.weight.shape[0])
+        return int(total)
+
+    def saving(self, plan: dict, height: int, width: int) -> float:
+        """The plain forward pass's multiply-adds on a height x width input over ``plan``'s."""
+        return self.dense_multiply_adds_per_pixel() * height * width / max(self.multiply_adds(plan), 1)
+
+    def dense_multiply_adds_per_pixel(self) -> float:
+        """Multiply-adds per input pixel of the plain forward pass (every layer at every position)."""
+        total, stride = self.stem.weight.numel() / 4, 4
+        for layer in self.layers:
+            for block in layer:
+                total += block.conv1.weight.numel() / (stride * block.conv1.stride) ** 2
+                stride *= block.conv1.stride
+                total += (block.conv2.weight.numel() + (block.shortcut.weight.numel() if block.shortcut else 0)) / stride ** 2
+        return total
+
+    @staticmethod
+    def _blocks(need: np.ndarray, stride: int, px: int) -> torch.Tensor:
+        """(N, 2) coordinates of the px-sided blocks holding a needed position of a stride-``stride`` grid."""
+        b = px // stride
+        h, w = need.shape[0] // b, need.shape[1] // b
+        any_ = need[:h * b, :w * b].reshape(h, b, w, b).any(axis=(1, 3))
+        return torch.from_numpy(np.argwhere(any_))
+
+    # ------------------------------------------------------------------ execution
+    def _buffer(self, n_blocks, stride: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+        b = self.grid_px // stride
+        return like.new_empty((n_blocks[0] * b + 2 * MARGIN, n_blocks[1] * b + 2 * MARGIN, channels))
+
+    def _gather(self, src: torch.Tensor, blocks: torch.Tensor, b_out: int, kernel: int, stride: int,
+                padding: int) -> torch.Tensor:
+        """The input windows of output blocks of b_out x b_out positions: (N, C, win, win), channels-last."""
+        win = stride * (b_out - 1) + kernel
+        start = MARGIN - padding
+        view = src[start:, start:].unfold(0, win, stride * b_out).unfold(1, win, stride * b_out)  # (qh, qw, C, win, win)
+        rows = view.permute(0, 1, 3, 4, 2)[blocks[:, 0], blocks[:, 1]]  # (N, win, win, C): copies runs of C floats
+        return rows.permute(0, 3, 1, 2)  # (N, C, win, win), channels-last
+
+    @staticmethod
+    def _scatter(dst: torch.Tensor, blocks: torch.Tensor, b: int, y: torch.Tensor) -> None:
+        """Write y (N, C, b, b) into the blocks of dst (H + 2 MARGIN, W + 2 MARGIN, C)."""
+        inner = dst[MARGIN:dst.shape[0] - MARGIN, MARGIN:dst.shape[1] - MARGIN]
+        qh, qw = inner.shape[0] // b, inner.shape[1] // b
+        view = inner.view(qh, b, qw, b, inner.shape[2]).permute(0, 2, 1, 3, 4)  # (qh, qw, b, b, C)
+        view[blocks[:, 0], blocks[:, 1]] = y.permute(0, 2, 3, 1).to(dst.dtype)
+
+    def _chunks(self, blocks: torch.Tensor, b: int):
+        per = max(1, self.chunk // (b * b))
+        for i in range(0, len(blocks), per):
+            yield blocks[i:i + per]
+
+    def _conv(self, src: torch.Tensor, conv: Conv, blocks: torch.Tensor, b_out: int) -> torch.Tensor:
+        x = self._gather(src, blocks, b_out, conv.kernel, conv.stride, conv.padding)
+        return F.conv2d(x, conv.weight, conv.bias, stride=conv.stride)  # (N, C_out, b_out, b_out)
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, outputs: np.ndarray, plan: dict | None = None) -> torch.Tensor:
+        """image (3, H, W) float (the network's input scaling); ``outputs`` the needed positions of
+        the stride-32 output grid ((H - 224) / 32 + 1 per side; ``plan``: their :meth:`plan`, if
+        made already). Returns the logits there (a grid of ``outputs``' shape; other positions hold
+        anything, NaN included)."""
+        _, height, width = image.shape
+        plan = plan or self.plan(outputs, height, width)
+        n_blocks = plan["n_blocks"]
+        src = self._buffer(n_blocks, 1, 3, image)
+        src[MARGIN:MARGIN + height, MARGIN:MARGIN + width] = image.permute(1, 2, 0)
+        # stem: conv1 (7x7, stride 2) -> relu -> max-pool (3x3, stride 2): stride 4, from the image directly
+        b = self.block_px[0] // 4
+        x = self._buffer(n_blocks, 4, self.stem.weight.shape[0], image)
+        for blocks in self._chunks(plan["stem"], b):
+            win = self._gather(src, blocks, b, 7 + 2 * 2, 4, 3 + 2)  # conv1 [2i-3, 2i+3] of max-pool [2j-1, 2j+1]
+            y = F.relu_(F.conv2d(win, self.stem.weight, self.stem.bias, stride=2))  # (N, 64, 2b + 1, 2b + 1)
+            self._scatter(x, blocks, b, F.max_pool2d(y, 3, stride=2))
+        del src
+        stride = 4
+        for px, layer, layer_plan in zip(self.block_px[1:], self.layers, plan["layers"]):
+            for block, (mid_blocks, out_blocks) in zip(layer, layer_plan):
+                stride_out = stride * block.conv1.stride
+                b = px // stride_out
+                c_out = block.conv2.weight.shape[0]
+                mid = self._buffer(n_blocks, stride_out, c_out, x)
+                for blocks in self._chunks(mid_blocks, b):
+                    self._scatter(mid, blocks, b, F.relu_(self._conv(x, block.conv1, blocks, b)))
+                out = self._buffer(n_blocks, stride_out, c_out, x)
+                for blocks in self._chunks(out_blocks, b):
+                    y = self._conv(mid, block.conv2, blocks, b)
+                    if block.shortcut is not None:
+                        y += self._conv(x, block.shortcut, blocks, b)
+                    else:
+                        y += self._gather(x, blocks, b, 1, 1, 0)
+                    self._scatter(out, blocks, b, F.relu_(y))
+                del mid
+                x, stride = out, stride_out
+        feat = x[MARGIN:x.shape[0] - MARGIN, MARGIN:x.shape[1] - MARGIN].permute(2, 0, 1)[None]  # (1, 512, h, w)
+        logits = F.conv2d(F.avg_pool2d(feat, self.pool, stride=1), self.fc_weight, self.fc_bias)
+        return logits[0, 0, :outputs.shape[0], :outputs.shape[1]].float()
