@@ -18,11 +18,12 @@ may read uncleared buffer memory and hold anything, NaN included; no needed posi
 the full-tile forward at the needed outputs up to float rounding (tests/test_camelyon_sparse.py).
 
 The buffers hold a whole tile per layer (the stride-4 ones: 64 channels at a quarter of the tile's
-side, about 200 MB for a 48-cell tile); each convolution is run on at most ``chunk`` output
-positions at a time, so the gathered copies stay small.
+side, about 120 MB for a 40-cell tile), at most three at a time, reused from layer to layer; each
+convolution's gathered input is at most ``chunk`` values (16 MB), so the copies stay small.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,9 +36,10 @@ from scipy.ndimage import maximum_filter
 #: larger where they are few (a convolution on 2 x 2-position blocks runs far below the machine's rate)
 BLOCK_PX = (64, 64, 64, 128, 256)
 #: ``engine="auto"`` runs a tile sparsely when the plain forward pass would compute this many times
-#: its multiply-adds: the sparse engine's gathers, scatters and small convolutions run at about 1/1.25
-#: of the plain pass's rate (2 CPU cores; measured in tests of islands and strips, bench.py --shapes)
-WORTH_IT = 1.3
+#: its multiply-adds. Measured per tile on the bench.py --shapes slides (2 CPU cores), the sparse
+#: engine's time saving tracks its multiply-add saving (gathers and scatters cost about what the
+#: whole-tile pass loses to page faults); below ~1.1 the two are within noise of each other.
+WORTH_IT = 1.1
 #: positions around every buffer, so that every block's gather window lies inside it
 MARGIN = 8
 
@@ -92,7 +94,7 @@ class SparseResNet:
     """``model`` (a ``camelyon.model.TumorDetectionNet``, eval mode) evaluated block-sparsely, see the
     module docstring. ``block_px`` must be a multiple of 32 (the deepest stride)."""
 
-    def __init__(self, model: nn.Module, block_px: tuple[int, ...] = BLOCK_PX, chunk: int = 1 << 18):
+    def __init__(self, model: nn.Module, block_px: tuple[int, ...] = BLOCK_PX, chunk: int = 1 << 22):
         block_px = (block_px,) * 5 if isinstance(block_px, int) else tuple(block_px)
         grid_px = max(block_px)
         if len(block_px) != 5 or any(px % s or grid_px % px for px, s in zip(block_px, (4, 4, 8, 16, 32))):
@@ -106,6 +108,7 @@ class SparseResNet:
         self.pool = model.pool.kernel_size if isinstance(model.pool.kernel_size, int) else model.pool.kernel_size[0]
         self.fc_weight, self.fc_bias = model.fc.weight.detach(), model.fc.bias.detach()
         self.block_px, self.grid_px, self.chunk = block_px, grid_px, chunk
+        self._free: list[torch.Tensor] = []  # buffers of the forward pass in progress, free for reuse
 
     # ------------------------------------------------------------------ planning
     def plan(self, outputs: np.ndarray, height: int, width: int) -> dict:
@@ -177,8 +180,21 @@ class SparseResNet:
 
     # ------------------------------------------------------------------ execution
     def _buffer(self, n_blocks, stride: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+        """An uncleared (H + 2 MARGIN, W + 2 MARGIN, C) buffer of the stride-``stride`` grid: the smallest
+        free one that fits (:meth:`_release`), else new memory."""
         b = self.grid_px // stride
-        return like.new_empty((n_blocks[0] * b + 2 * MARGIN, n_blocks[1] * b + 2 * MARGIN, channels))
+        shape = (n_blocks[0] * b + 2 * MARGIN, n_blocks[1] * b + 2 * MARGIN, channels)
+        n = math.prod(shape)
+        fits = [i for i, f in enumerate(self._free) if f.numel() >= n and f.dtype == like.dtype and f.device == like.device]
+        if not fits:
+            return like.new_empty(shape)
+        flat = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        return flat[:n].view(shape)
+
+    def _release(self, buf: torch.Tensor) -> None:
+        """Hand a buffer's memory back for the next :meth:`_buffer` of this forward pass: reused, a
+        forward pass touches a few buffers' worth of fresh pages instead of one per layer."""
+        self._free.append(buf.new_empty(0).set_(buf.untyped_storage()))
 
     def _gather(self, src: torch.Tensor, blocks: torch.Tensor, b_out: int, kernel: int, stride: int,
                 padding: int) -> torch.Tensor:
@@ -197,8 +213,9 @@ class SparseResNet:
         view = inner.view(qh, b, qw, b, inner.shape[2]).permute(0, 2, 1, 3, 4)  # (qh, qw, b, b, C)
         view[blocks[:, 0], blocks[:, 1]] = y.permute(0, 2, 3, 1).to(dst.dtype)
 
-    def _chunks(self, blocks: torch.Tensor, b: int):
-        per = max(1, self.chunk // (b * b))
+    def _chunks(self, blocks: torch.Tensor, elements: int):
+        """``blocks`` in groups whose gathered inputs (``elements`` values per block) hold at most ``chunk``."""
+        per = max(1, self.chunk // elements)
         for i in range(0, len(blocks), per):
             yield blocks[i:i + per]
 
@@ -215,35 +232,39 @@ class SparseResNet:
         _, height, width = image.shape
         plan = plan or self.plan(outputs, height, width)
         n_blocks = plan["n_blocks"]
+        self._free: list[torch.Tensor] = []
         src = self._buffer(n_blocks, 1, 3, image)
         src[MARGIN:MARGIN + height, MARGIN:MARGIN + width] = image.permute(1, 2, 0)
         # stem: conv1 (7x7, stride 2) -> relu -> max-pool (3x3, stride 2): stride 4, from the image directly
         b = self.block_px[0] // 4
         x = self._buffer(n_blocks, 4, self.stem.weight.shape[0], image)
-        for blocks in self._chunks(plan["stem"], b):
+        for blocks in self._chunks(plan["stem"], self.stem.weight.shape[0] * (2 * b + 1) ** 2):  # conv1 outputs
             win = self._gather(src, blocks, b, 7 + 2 * 2, 4, 3 + 2)  # conv1 [2i-3, 2i+3] of max-pool [2j-1, 2j+1]
             y = F.relu_(F.conv2d(win, self.stem.weight, self.stem.bias, stride=2))  # (N, 64, 2b + 1, 2b + 1)
             self._scatter(x, blocks, b, F.max_pool2d(y, 3, stride=2))
-        del src
+        self._release(src)
         stride = 4
         for px, layer, layer_plan in zip(self.block_px[1:], self.layers, plan["layers"]):
             for block, (mid_blocks, out_blocks) in zip(layer, layer_plan):
                 stride_out = stride * block.conv1.stride
                 b = px // stride_out
                 c_out = block.conv2.weight.shape[0]
+                c_in = block.conv1.weight.shape[1]
                 mid = self._buffer(n_blocks, stride_out, c_out, x)
-                for blocks in self._chunks(mid_blocks, b):
+                for blocks in self._chunks(mid_blocks, c_in * (block.conv1.stride * (b - 1) + 3) ** 2):
                     self._scatter(mid, blocks, b, F.relu_(self._conv(x, block.conv1, blocks, b)))
                 out = self._buffer(n_blocks, stride_out, c_out, x)
-                for blocks in self._chunks(out_blocks, b):
+                for blocks in self._chunks(out_blocks, (c_out + c_in) * (b + 2) ** 2):
                     y = self._conv(mid, block.conv2, blocks, b)
                     if block.shortcut is not None:
                         y += self._conv(x, block.shortcut, blocks, b)
                     else:
                         y += self._gather(x, blocks, b, 1, 1, 0)
                     self._scatter(out, blocks, b, F.relu_(y))
-                del mid
+                self._release(mid)
+                self._release(x)
                 x, stride = out, stride_out
         feat = x[MARGIN:x.shape[0] - MARGIN, MARGIN:x.shape[1] - MARGIN].permute(2, 0, 1)[None]  # (1, 512, h, w)
         logits = F.conv2d(F.avg_pool2d(feat, self.pool, stride=1), self.fc_weight, self.fc_bias)
+        self._free = []
         return logits[0, 0, :outputs.shape[0], :outputs.shape[1]].float()
