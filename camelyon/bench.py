@@ -427,8 +427,9 @@ def _shape_measure(kind: str, slide: str, checkpoint: str, out_dir: str, cfg: Be
         with contextlib.redirect_stdout(io.StringIO()):
             summary = run(infer_cfg)[0]
         result.update(cells=summary["tissue_cells"], seconds=time.perf_counter() - t0)
-    elif kind == "forward":  # the network alone on random tiles shaped like the dense plan's
-        from camelyon.model import lean_dense_model
+    elif kind == "forward":  # the network alone, infer.py's engine, on random tiles shaped like the dense plan's
+        from camelyon.infer import HALO, TileProbability, tile_outputs
+        from common.amp import MixedPrecision
 
         tm = compute_tissue_mask(slide)
         tiles = plan_tiles(tm.mask, infer_cfg.tile_cells)
@@ -437,13 +438,13 @@ def _shape_measure(kind: str, slide: str, checkpoint: str, out_dir: str, cfg: Be
         model, _ = load_model(checkpoint, device, use_channels_last(infer_cfg, device))
         result["sparse_px_per_tissue_px"] = sparse_work(model, tm.mask, tiles)
         result["exact_bound_vs_patch"] = exact_bound_vs_patch(model, tm.mask)
-        net = lean_dense_model(model)
+        net = TileProbability(model, MixedPrecision(device, infer_cfg.precision), ["id"], infer_cfg.dense_engine)
         fmt = torch.channels_last if use_channels_last(infer_cfg, device) else torch.contiguous_format
         t0 = time.perf_counter()
         with torch.no_grad():
             for t in sorted(tiles, key=lambda t: -t.rows * t.cols):
                 x = torch.rand(1, 3, int(tile_side(t.rows, 2)), int(tile_side(t.cols, 2)), device=device)
-                net(x.contiguous(memory_format=fmt))
+                net(x.contiguous(memory_format=fmt), tile_outputs(t, tm.mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols], 2, HALO))
         result.update(cells=int(tm.mask.sum()), seconds=time.perf_counter() - t0)
     elif kind == "naive":  # one read_region + one forward per patch, on the first naive_cells cells
         from camelyon.infer import cell_top_left
