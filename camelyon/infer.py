@@ -21,7 +21,9 @@ without a resolution is assumed to be at model_mpp (with a warning) unless ``--s
   top-left of a cell's patch; outputs come at stride 32, so every (ratio / 32)-th output lands
   exactly on a cell centre. Each tile is read with 224 px of slide around its own windows
   (``HALO``), so every output sees its whole receptive field and the map does not depend on
-  ``--tile-cells``.
+  ``--tile-cells``. ``--dense-engine`` (:class:`TileProbability`): ``auto`` computes a tile
+  layer by layer only where its tissue cells need it (:mod:`camelyon.sparse`) when that saves
+  >= 1.1x of the work, else the whole tile; the two agree up to float rounding.
   Values differ slightly from patch mode because a dense window sees real neighbours instead of
   zero padding (camelyon.md §11); ``bench.py`` and the tests measure how much.
 

@@ -4,18 +4,20 @@ A dense tile (``camelyon.infer.DenseTiles``) runs the whole network over its rec
 halo, although a tissue cell's output depends only on a cone of each layer: the layer-4 positions of
 its 7 x 7 pool, the layer-3 positions those read, and so on down to 627 px of input. Over background
 inside the rectangle, and in the halo where the cone has already narrowed, that work is thrown
-away: on irregular tissue the full-tile forward computes 2.1--6.1 input pixels per tissue pixel, the
-cones 1.2--2.9 (``bench.py --shapes`` prints both).
+away: on the ``bench.py --shapes`` slides the full-tile forward computes 2.1--6.1 input pixels per
+tissue pixel, this engine 1.8--4.2 pixel-equivalents of multiply-adds, the exact cones of the whole
+slides 1.2--3.1 (the bench prints all three).
 
 :class:`SparseResNet` runs the same ResNet layer by layer (stage-synchronous), each convolution on
-the blocks of ``block_px`` x ``block_px`` input pixels (one grid cell by default) that hold a
-position the cells need, as in SBNet (Ren et al., CVPR 2018): the blocks' inputs, with the kernel's
+the blocks (``block_px``: one 64-px grid cell for the stem and layers 1-2, 128 and 256 px for
+layers 3-4) that hold a position the cells need, as in SBNet (Ren et al., CVPR 2018): the blocks' inputs, with the kernel's
 border, are gathered from the previous layer's buffer in one indexing operation, convolved without
 padding (batch-norm folded into the convolution) and scattered into the next buffer. Nothing is
 computed twice, no output sees padding: a needed position reads only positions that were needed one
 layer down and therefore computed. Positions computed only because their block was (the rounding)
-may read uncleared buffer memory and hold anything, NaN included; no needed position reads them. The result equals
-the full-tile forward at the needed outputs up to float rounding (tests/test_camelyon_sparse.py).
+may read uncleared buffer memory and hold anything, NaN included; no needed position reads them.
+The result equals the full-tile forward at the needed outputs up to float rounding
+(tests/test_camelyon_sparse.py).
 
 The buffers hold a whole tile per layer (the stride-4 ones: 64 channels at a quarter of the tile's
 side, about 120 MB for a 40-cell tile), at most three at a time, reused from layer to layer; each
@@ -92,7 +94,8 @@ class Block:
 
 class SparseResNet:
     """``model`` (a ``camelyon.model.TumorDetectionNet``, eval mode) evaluated block-sparsely, see the
-    module docstring. ``block_px`` must be a multiple of 32 (the deepest stride)."""
+    module docstring. ``block_px``: the block side in input pixels of the stem and layers 1-4 (or
+    one side for all), each a multiple of its layer's stride and dividing the largest."""
 
     def __init__(self, model: nn.Module, block_px: tuple[int, ...] = BLOCK_PX, chunk: int = 1 << 22):
         block_px = (block_px,) * 5 if isinstance(block_px, int) else tuple(block_px)
