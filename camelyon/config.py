@@ -95,8 +95,7 @@ class InferConfig(StainNormalizeConfig, BaseConfig):
     mode: Literal["dense", "patch"] = "dense"  # dense: fully convolutional tiles | patch: 224 patch per cell (bundle)
     mask_downsample: float = 64.0  # tissue-mask grid cell in network pixels (level 6 of a Camelyon slide)
     tile_cells: int = 40  # dense: the largest tile, in cells per side (a memory cap; tiles are planned to hug the tissue)
-    # dense: auto (sparse where it saves >= 1.1x of the work) | sparse (each layer only where tissue cells need it) | tile
-    dense_engine: Literal["auto", "sparse", "tile"] = "auto"
+    dense_engine: Literal["auto", "sparse", "tile"] = "auto"  # dense: layers only where cells need them | whole tiles | auto: sparse if >= 1.1x less work
     # resolution: the network sees each slide at model_mpp (level-0 px per network px = model_mpp / slide_mpp)
     slide_mpp: float = 0.0  # µm/px of the slides' level 0; 0 = each slide's header (none: assume model_mpp, warn)
     model_mpp: float = 0.0  # µm/px the network was trained at; 0 = the checkpoint's config, 0.243 for model.pt
