@@ -288,6 +288,14 @@ def tile_outputs(tile: Tile, block: np.ndarray, step: int, first: int) -> np.nda
     return need
 
 
+def dense_engine_for(engine: str, device: torch.device) -> str:
+    """The engine ``engine`` means on ``device``: ``auto`` stays auto (per tile) on the CPU and is
+    ``tile`` elsewhere. The sparse plan is made on the CPU (~0.1-0.2 s per 40-cell tile, scipy),
+    negligible next to a CPU forward pass (~5 s) but longer than a GPU's, and the sparse engine was
+    not measured on CUDA; ``--dense-engine sparse`` still forces it there."""
+    return "tile" if engine == "auto" and device.type != "cpu" else engine
+
+
 class TileProbability:
     """A dense tile's probability grid (stride 32), averaged over the test-time transforms, by one of
     two engines (same values up to float rounding):
@@ -295,12 +303,14 @@ class TileProbability:
     - ``tile``: the network over the whole tile (its stem in row strips, ``lean_dense_model``);
     - ``sparse``: :class:`camelyon.sparse.SparseResNet`, each layer only where the tile's tissue
       cells need it (the tile and its needed outputs transformed alike, the grid transformed back);
-    - ``auto``: sparse for the tiles where it saves at least ``camelyon.sparse.WORTH_IT`` of the
-      multiply-adds (thin or scattered tissue), tile for the others.
+    - ``auto``: on the CPU, sparse for the tiles where it saves at least ``camelyon.sparse.WORTH_IT``
+      of the multiply-adds (thin or scattered tissue), tile for the others; on a GPU, tile
+      (:func:`dense_engine_for`).
 
     Networks other than ``TumorDetectionNet`` (test stand-ins) always run whole tiles."""
 
     def __init__(self, model, amp: MixedPrecision, tta: list[str], engine: str = "auto"):
+        engine = dense_engine_for(engine, next(model.parameters()).device)
         is_detector = isinstance(model, TumorDetectionNet)
         self.net = lean_dense_model(model) if is_detector else model
         self.sparse = SparseResNet(model) if is_detector and engine != "tile" else None

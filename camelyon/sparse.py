@@ -234,6 +234,7 @@ class SparseResNet:
         anything, NaN included)."""
         _, height, width = image.shape
         plan = plan or self.plan(outputs, height, width)
+        on = lambda blocks: blocks.to(image.device)  # noqa: E731  block indices: one copy per convolution
         n_blocks = plan["n_blocks"]
         self._free: list[torch.Tensor] = []
         src = self._buffer(n_blocks, 1, 3, image)
@@ -241,7 +242,7 @@ class SparseResNet:
         # stem: conv1 (7x7, stride 2) -> relu -> max-pool (3x3, stride 2): stride 4, from the image directly
         b = self.block_px[0] // 4
         x = self._buffer(n_blocks, 4, self.stem.weight.shape[0], image)
-        for blocks in self._chunks(plan["stem"], self.stem.weight.shape[0] * (2 * b + 1) ** 2):  # conv1 outputs
+        for blocks in self._chunks(on(plan["stem"]), self.stem.weight.shape[0] * (2 * b + 1) ** 2):  # conv1 outputs
             win = self._gather(src, blocks, b, 7 + 2 * 2, 4, 3 + 2)  # conv1 [2i-3, 2i+3] of max-pool [2j-1, 2j+1]
             y = F.relu_(F.conv2d(win, self.stem.weight, self.stem.bias, stride=2))  # (N, 64, 2b + 1, 2b + 1)
             self._scatter(x, blocks, b, F.max_pool2d(y, 3, stride=2))
@@ -254,10 +255,10 @@ class SparseResNet:
                 c_out = block.conv2.weight.shape[0]
                 c_in = block.conv1.weight.shape[1]
                 mid = self._buffer(n_blocks, stride_out, c_out, x)
-                for blocks in self._chunks(mid_blocks, c_in * (block.conv1.stride * (b - 1) + 3) ** 2):
+                for blocks in self._chunks(on(mid_blocks), c_in * (block.conv1.stride * (b - 1) + 3) ** 2):
                     self._scatter(mid, blocks, b, F.relu_(self._conv(x, block.conv1, blocks, b)))
                 out = self._buffer(n_blocks, stride_out, c_out, x)
-                for blocks in self._chunks(out_blocks, (c_out + c_in) * (b + 2) ** 2):
+                for blocks in self._chunks(on(out_blocks), (c_out + c_in) * (b + 2) ** 2):
                     y = self._conv(mid, block.conv2, blocks, b)
                     if block.shortcut is not None:
                         y += self._conv(x, block.shortcut, blocks, b)

@@ -162,3 +162,12 @@ def test_dense_map_is_the_same_with_either_engine(ragged_slide, model):
                                   tta=flips) for engine in ("tile", "sparse")}
     assert np.abs(tta["tile"] - maps["tile"])[tm.mask].max() > 1e-4  # the transforms change the map
     np.testing.assert_allclose(tta["sparse"], tta["tile"], rtol=0, atol=2e-5)
+
+
+def test_auto_means_whole_tiles_off_the_cpu():
+    from camelyon.infer import dense_engine_for
+
+    assert dense_engine_for("auto", torch.device("cpu")) == "auto"
+    assert dense_engine_for("auto", torch.device("cuda", 0)) == "tile"
+    assert dense_engine_for("sparse", torch.device("cuda", 0)) == "sparse"
+    assert dense_engine_for("tile", torch.device("cpu")) == "tile"
