@@ -310,7 +310,7 @@ class TileProbability:
     Networks other than ``TumorDetectionNet`` (test stand-ins) always run whole tiles."""
 
     def __init__(self, model, amp: MixedPrecision, tta: list[str], engine: str = "auto"):
-        engine = dense_engine_for(engine, next(model.parameters()).device)
+        engine = dense_engine_for(engine, amp.device)  # the device the tiles are computed on
         is_detector = isinstance(model, TumorDetectionNet)
         self.net = lean_dense_model(model) if is_detector else model
         self.sparse = SparseResNet(model) if is_detector and engine != "tile" else None
