@@ -415,7 +415,7 @@ def _shape_measure(kind: str, slide: str, checkpoint: str, out_dir: str, cfg: Be
     from camelyon.config import InferConfig
     from camelyon.infer import load_model, run, use_channels_last
     from camelyon.prepare import compute_tissue_mask
-    from camelyon.tiling import plan_summary, plan_tiles, tile_side
+    from camelyon.tiling import SPARSE_MAX_SIDE, plan_sparse_tiles, plan_summary, plan_tiles, tile_side
 
     infer_cfg = InferConfig(slides=slide, checkpoint=checkpoint, output_dir=out_dir, num_workers=cfg.num_workers,
                             device=cfg.device, precision=cfg.precision,
@@ -428,16 +428,19 @@ def _shape_measure(kind: str, slide: str, checkpoint: str, out_dir: str, cfg: Be
             summary = run(infer_cfg)[0]
         result.update(cells=summary["tissue_cells"], seconds=time.perf_counter() - t0)
     elif kind == "forward":  # the network alone, infer.py's engine, on random tiles shaped like the dense plan's
-        from camelyon.infer import HALO, TileProbability, tile_outputs
+        from camelyon.infer import HALO, TileProbability, dense_engine_for, plan_dense_tiles, tile_outputs
         from common.amp import MixedPrecision
 
         tm = compute_tissue_mask(slide)
-        tiles = plan_tiles(tm.mask, infer_cfg.tile_cells)
-        result.update(plan_summary(tm.mask, tiles))
         device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
         model, _ = load_model(checkpoint, device, use_channels_last(infer_cfg, device))
-        result["sparse_px_per_tissue_px"] = sparse_work(model, tm.mask, tiles)
-        result["exact_bound_vs_patch"] = exact_bound_vs_patch(model, tm.mask)
+        engine = dense_engine_for(infer_cfg.dense_engine, device, model)
+        tiles = plan_dense_tiles(tm.mask, engine, infer_cfg.tile_cells, infer_cfg.sparse_tile_tissue, 2)
+        result.update(plan_summary(tm.mask, plan_tiles(tm.mask, infer_cfg.tile_cells)))  # the whole-tile engine's plan
+        sparse_tiles = plan_sparse_tiles(tm.mask, SPARSE_MAX_SIDE, infer_cfg.sparse_tile_tissue)
+        result.update(engine=engine, sparse_tiles=len(sparse_tiles),
+                      sparse_px_per_tissue_px=sparse_work(model, tm.mask, sparse_tiles),
+                      exact_bound_vs_patch=exact_bound_vs_patch(model, tm.mask))
         net = TileProbability(model, MixedPrecision(device, infer_cfg.precision), ["id"], infer_cfg.dense_engine)
         fmt = torch.channels_last if use_channels_last(infer_cfg, device) else torch.contiguous_format
         t0 = time.perf_counter()
@@ -553,9 +556,10 @@ def tissue_shapes(cfg: BenchConfig) -> dict:
             r = results[name]
             plan = r.get("forward", {})
             print(f"{name}: {r[next(iter(r))]['cells']} tissue cells"
-                  + (f", dense plan {plan['tiles']} tiles, tissue {plan['tissue_fraction_of_tile_cells']:.0%} of "
-                     f"tile cells, {plan['pixels_per_tissue_pixel']:.2f} px read per tissue px, sparse engine computes "
-                     f"{plan['sparse_px_per_tissue_px']:.2f} px-equivalents per tissue px; an exact dense computation "
+                  + (f", whole-tile plan {plan['tiles']} tiles, tissue {plan['tissue_fraction_of_tile_cells']:.0%} of "
+                     f"tile cells, {plan['pixels_per_tissue_pixel']:.2f} px read per tissue px; sparse plan "
+                     f"{plan['sparse_tiles']} tiles, computing {plan['sparse_px_per_tissue_px']:.2f} px-equivalents per "
+                     f"tissue px (forward runs the {plan['engine']} engine); an exact dense computation "
                      f"needs at least {plan['exact_bound_vs_patch']:.1f}x fewer multiply-adds than patch mode"
                      if plan else ""))
             for k, m in r.items():

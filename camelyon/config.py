@@ -94,8 +94,9 @@ class InferConfig(StainNormalizeConfig, BaseConfig):
     output_dir: str = "outputs/camelyon"
     mode: Literal["dense", "patch"] = "dense"  # dense: fully convolutional tiles | patch: 224 patch per cell (bundle)
     mask_downsample: float = 64.0  # tissue-mask grid cell in network pixels (level 6 of a Camelyon slide)
-    tile_cells: int = 40  # dense: the largest tile, in cells per side (a memory cap; tiles are planned to hug the tissue)
-    dense_engine: Literal["auto", "sparse", "tile"] = "auto"  # dense: layers only where cells need them | whole tiles | auto: sparse if >= 1.1x less work
+    dense_engine: Literal["auto", "sparse", "tile"] = "auto"  # dense: layers only where cells need them | whole tiles | auto: sparse on the CPU, tile on a GPU
+    tile_cells: int = 40  # dense, tile engine: the largest tile, in cells per side (a memory cap; tiles are planned to hug the tissue)
+    sparse_tile_tissue: int = 3072  # dense, sparse engine: most tissue cells in one tile (a memory cap, ~0.3 MB per cell)
     # resolution: the network sees each slide at model_mpp (level-0 px per network px = model_mpp / slide_mpp)
     slide_mpp: float = 0.0  # µm/px of the slides' level 0; 0 = each slide's header (none: assume model_mpp, warn)
     model_mpp: float = 0.0  # µm/px the network was trained at; 0 = the checkpoint's config, 0.243 for model.pt
@@ -122,6 +123,9 @@ class InferConfig(StainNormalizeConfig, BaseConfig):
             raise ValueError("--slide-mpp and --model-mpp must be >= 0 (0: automatic), --mpp-tolerance in [0, 1)")
         if self.flush_every < 0:
             raise ValueError(f"--flush-every must be >= 0 (0: never save the slide in progress), got {self.flush_every}")
+        if self.tile_cells < 1 or self.sparse_tile_tissue < 1:
+            raise ValueError(f"--tile-cells and --sparse-tile-tissue must be >= 1, got {self.tile_cells} and "
+                             f"{self.sparse_tile_tissue}")
         parse_tta(self.tta)  # an unknown name stops here, before any slide is read
 
 

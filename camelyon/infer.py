@@ -21,9 +21,11 @@ without a resolution is assumed to be at model_mpp (with a warning) unless ``--s
   top-left of a cell's patch; outputs come at stride 32, so every (ratio / 32)-th output lands
   exactly on a cell centre. Each tile is read with 224 px of slide around its own windows
   (``HALO``), so every output sees its whole receptive field and the map does not depend on
-  ``--tile-cells``. ``--dense-engine`` (:class:`TileProbability`): ``auto`` computes a tile
-  layer by layer only where its tissue cells need it (:mod:`camelyon.sparse`) when that saves
-  >= 1.1x of the work, else the whole tile; the two agree up to float rounding.
+  the tile plan. ``--dense-engine`` (:class:`TileProbability`): ``sparse`` computes each layer
+  only where the tiles' tissue cells need it (:mod:`camelyon.sparse`), on large tiles cut only at a
+  memory cap (``--sparse-tile-tissue``, :func:`camelyon.tiling.plan_sparse_tiles`); ``tile`` runs
+  the network over whole tiles that hug the tissue (``--tile-cells``); ``auto``: sparse on the
+  CPU, tile on a GPU. The two agree up to float rounding.
   Values differ slightly from patch mode because a dense window sees real neighbours instead of
   zero padding (camelyon.md §11); ``bench.py`` and the tests measure how much.
 
@@ -47,10 +49,12 @@ number of failed slides (at most 100). A run over one slide reports its error as
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 import warnings
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +67,11 @@ from camelyon.config import InferConfig
 from camelyon.dataset import CAMELYON16_MPP, PATCH
 from camelyon.model import STRIDE, TumorDetectionNet, build_model, lean_dense_model, load_detector_weights
 from camelyon.prepare import TissueMask, tissue_mask_at
-from camelyon.sparse import WORTH_IT, SparseResNet
-from camelyon.tiling import HALO, Tile, plan_tiles
+from camelyon.sparse import SparseResNet
+from camelyon.tiling import HALO, SPARSE_MAX_SIDE, Tile, plan_sparse_tiles, plan_tiles
 from common import dist
 from common.amp import MixedPrecision
-from common.augment import scale_intensity
+from common.augment import scale_intensity_
 from common.cache import cached_arrays
 from common.checkpoint import load_file
 from common.errors import USER_ERRORS, DataError, UserError, describe, exit_on_user_error
@@ -89,7 +93,7 @@ HALF = PATCH // 2
 #: resolved stain target's statistics change
 OUTPUT_SETTINGS = ("mode", "mask_downsample", "slide_mpp", "mpp_tolerance", "precision", "nms_threshold", "nms_box",
                    "nms_sigma", "export", "contours", "tta", "stain_normalize", "stain_fit")
-MODE_SETTINGS = {"dense": ("tile_cells", "dense_engine"), "patch": ("batch_size",)}
+MODE_SETTINGS = {"dense": ("tile_cells", "dense_engine", "sparse_tile_tissue"), "patch": ("batch_size",)}
 #: what makes one slide fail without stopping a folder run: the user errors (a missing or corrupt
 #: file, no tissue, ...) and the errors OpenSlide raises when a tile of a truncated file is read
 SLIDE_ERRORS = USER_ERRORS + (openslide.OpenSlideError,)
@@ -120,9 +124,10 @@ class SlideProgress:
         self.saves = 0
         self._unsaved = 0
 
-    def start(self, mask: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
-        """(map, done units): zeros, or what the file holds for this key, mask and plan."""
-        self.mask = mask
+    def start(self, mask: np.ndarray, n_units: int, plan: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """(map, done units): zeros, or what the file holds for this key, mask and plan (``plan``
+        identifies the units: a file made under another tile plan is not resumed)."""
+        self.mask, self.plan = mask, plan
         self.prob = np.zeros(mask.shape, dtype=np.float64)
         self.done = np.zeros(n_units, dtype=bool)
         saved = self._load() if self.resume else None
@@ -144,7 +149,7 @@ class SlideProgress:
     def _fits(self, saved: dict) -> bool:
         return (str(saved.get("key")) == self.key and tuple(saved.get("shape", ())) == self.mask.shape
                 and np.array_equal(saved.get("mask"), np.packbits(self.mask)) and saved.get("done") is not None
-                and saved["done"].shape == self.done.shape)
+                and saved["done"].shape == self.done.shape and str(saved.get("plan", "")) == self.plan)
 
     def unit_done(self, unit: int) -> None:
         """Call after the map holds unit ``unit``'s values."""
@@ -157,7 +162,7 @@ class SlideProgress:
         if self.path is None or not self._unsaved:
             return
         arrays = dict(key=np.array(self.key), shape=np.array(self.mask.shape), mask=np.packbits(self.mask),
-                      values=self.prob[self.mask], done=self.done)
+                      values=self.prob[self.mask], done=self.done, plan=np.array(self.plan))
         atomic_write(self.path, lambda fh: np.savez(fh, **arrays))
         self._unsaved = 0
         self.saves += 1
@@ -189,7 +194,8 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool,
                stain: StainNormalizer = StainNormalizer()) -> torch.Tensor:
     """uint8 tiles -> the network's input on ``device``: float, stain normalised (when ``stain`` has a
     target; batched), scaled to [-1, 1]."""
-    x = scale_intensity(stain(x.to(device, non_blocking=True).float()))
+    x = stain(x.to(device, non_blocking=True).to(torch.float32, copy=True))  # a copy of its own: scaled in place
+    x = scale_intensity_(x)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -288,45 +294,48 @@ def tile_outputs(tile: Tile, block: np.ndarray, step: int, first: int) -> np.nda
     return need
 
 
-def dense_engine_for(engine: str, device: torch.device) -> str:
-    """The engine ``engine`` means on ``device``: ``auto`` stays auto (per tile) on the CPU and is
-    ``tile`` elsewhere. The sparse plan is made on the CPU (~0.1-0.2 s per 40-cell tile, scipy),
-    negligible next to a CPU forward pass (~5 s) but longer than a GPU's, and the sparse engine was
-    not measured on CUDA; ``--dense-engine sparse`` still forces it there."""
-    return "tile" if engine == "auto" and device.type != "cpu" else engine
+def dense_engine_for(engine: str, device: torch.device, model) -> str:
+    """The engine ``engine`` means for ``model`` on ``device``: ``sparse`` or ``tile``. ``auto`` is
+    sparse on the CPU and tile elsewhere: the sparse plan is made on the CPU (scipy, ~1 s for a
+    large tile), nothing next to a CPU forward pass but a stall for a GPU, and the sparse engine was
+    not measured on CUDA (``--dense-engine sparse`` forces it there). Networks other than the
+    detector's ResNet18 (test stand-ins) run whole tiles."""
+    if not isinstance(model, TumorDetectionNet):
+        return "tile"
+    return ("sparse" if device.type == "cpu" else "tile") if engine == "auto" else engine
+
+
+def plan_dense_tiles(mask: np.ndarray, engine: str, tile_cells: int, sparse_tile_tissue: int,
+                     step: int) -> list[Tile]:
+    """The tiles a resolved engine computes: large ones cut only at a memory cap for ``sparse``
+    (background inside a tile costs it nothing), tissue-hugging ones for ``tile``."""
+    if engine == "sparse":
+        return plan_sparse_tiles(mask, SPARSE_MAX_SIDE, sparse_tile_tissue)
+    return plan_tiles(mask, tile_cells, step)
 
 
 class TileProbability:
     """A dense tile's probability grid (stride 32), averaged over the test-time transforms, by one of
-    two engines (same values up to float rounding):
+    two engines (same values up to float rounding; ``engine`` as :func:`dense_engine_for` resolves it):
 
     - ``tile``: the network over the whole tile (its stem in row strips, ``lean_dense_model``);
     - ``sparse``: :class:`camelyon.sparse.SparseResNet`, each layer only where the tile's tissue
-      cells need it (the tile and its needed outputs transformed alike, the grid transformed back);
-    - ``auto``: on the CPU, sparse for the tiles where it saves at least ``camelyon.sparse.WORTH_IT``
-      of the multiply-adds (thin or scattered tissue), tile for the others; on a GPU, tile
-      (:func:`dense_engine_for`).
-
-    Networks other than ``TumorDetectionNet`` (test stand-ins) always run whole tiles."""
+      cells need it (the tile and its needed outputs transformed alike, the grid transformed back)."""
 
     def __init__(self, model, amp: MixedPrecision, tta: list[str], engine: str = "auto"):
-        engine = dense_engine_for(engine, amp.device)  # the device the tiles are computed on
-        is_detector = isinstance(model, TumorDetectionNet)
-        self.net = lean_dense_model(model) if is_detector else model
-        self.sparse = SparseResNet(model) if is_detector and engine != "tile" else None
+        engine = dense_engine_for(engine, amp.device, model)  # amp.device: where the tiles are computed
+        self.net = lean_dense_model(model) if isinstance(model, TumorDetectionNet) else model
+        self.sparse = SparseResNet(model) if engine == "sparse" else None
         self.amp, self.tta, self.engine = amp, tta, engine
-        self.sparse_tiles = 0
 
     def __call__(self, x: torch.Tensor, need: np.ndarray) -> torch.Tensor:  # x (1, 3, H, W) -> (h, w)
-        plan = self.sparse.plan(need, x.shape[-2], x.shape[-1]) if self.sparse is not None else None
-        if plan is None or (self.engine == "auto" and self.sparse.saving(plan, x.shape[-2], x.shape[-1]) < WORTH_IT):
+        if self.sparse is None:
             return averaged_probability(self.net, x, self.amp, self.tta)[0, 0]
-        self.sparse_tiles += 1
         total = None
         for name in self.tta:
             need_t = dihedral(torch.from_numpy(need), name).numpy()
             with self.amp.autocast():
-                logits = self.sparse(dihedral(x[0], name), need_t, plan if name == "id" else None)
+                logits = self.sparse(dihedral(x[0], name), need_t)
             p = undo_dihedral(torch.sigmoid(logits.float()), name)
             total = p if total is None else total + p
         return total / len(self.tta) if len(self.tta) > 1 else total
@@ -336,7 +345,8 @@ class TileProbability:
 def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecision, tile_cells: int = 32,
                    workers: int = 4, channels_last: bool = False, desc: str = "", scale: float = 1.0,
                    partial: SlideProgress | None = None, halo: bool = True, tta: list[str] = ("id",),
-                   stain: StainNormalizer = StainNormalizer(), engine: str = "auto") -> np.ndarray:
+                   stain: StainNormalizer = StainNormalizer(), engine: str = "auto",
+                   sparse_tile_tissue: int = 3072) -> np.ndarray:
     """The map on the tissue-mask grid; ``scale`` = level-0 pixels per network pixel. With
     ``partial`` the tiles it holds as done are not computed again. ``halo=False`` reads only each
     tile's own windows (zero padding around it: a 1-cell tile is then exactly patch mode). ``tta``:
@@ -344,19 +354,21 @@ def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecisio
     transformed window is on the grid again): each cell gets the average over the transforms of its
     window with its context, as patch mode averages over transformed patches.
 
-    ``engine``: how each tile is computed (:class:`TileProbability`: auto, sparse or tile; without
-    the halo always tile). Same values up to float rounding."""
+    ``engine``: how each tile is computed and the slide cut into tiles (:func:`dense_engine_for`,
+    :func:`plan_dense_tiles`; without the halo always whole tiles). Same values up to float rounding."""
     ratio = tm.ratio / scale  # grid cell in network pixels (64)
     step = cell_step(ratio)
-    tiles = plan_tiles(tm.mask, tile_cells, step)
-    prob, done = (partial or SlideProgress()).start(tm.mask, len(tiles))
+    engine = dense_engine_for(engine, device, model) if halo else "tile"
+    tiles = plan_dense_tiles(tm.mask, engine, tile_cells, sparse_tile_tissue, step)
+    plan_id = hashlib.sha256(f"{engine} {[astuple(t) for t in tiles]}".encode()).hexdigest()
+    prob, done = (partial or SlideProgress()).start(tm.mask, len(tiles), plan_id)
     if done.all():
         return prob
     todo = sorted(np.flatnonzero(~done).tolist(), key=lambda i: -tiles[i].rows * tiles[i].cols)
     # largest first: later, smaller tiles reuse the memory the first ones freed (no heap growth)
     ds = Subset(DenseTiles(slide, tiles, ratio, step, scale, halo), todo)
     first = HALO if halo else 0  # output of the tile's first cell
-    tile_probability = TileProbability(model, amp, tta, engine if halo else "tile")
+    tile_probability = TileProbability(model, amp, tta, engine)
     for tile_img, i in progress(_loader(ds, workers, device), desc=desc or "tiles", total=len(ds)):
         t = tiles[int(i)]
         block = tm.mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
@@ -513,6 +525,7 @@ def infer_slide(model, slide: Path, cfg: InferConfig, device, amp: MixedPrecisio
         prob = patch_mode_map(model, str(slide), tm, device, amp, batch_size=cfg.batch_size, **kwargs)
     else:
         prob = dense_mode_map(model, str(slide), tm, device, amp, tile_cells=cfg.tile_cells, engine=cfg.dense_engine,
+                              sparse_tile_tissue=cfg.sparse_tile_tissue,
                               **kwargs)
     dets = write_outputs(Path(cfg.output_dir), slide.stem, prob, tm, cfg, scale)
     return {"slide": slide.name, "tissue_cells": int(tm.mask.sum()), "grid": list(tm.mask.shape),

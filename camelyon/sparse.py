@@ -25,7 +25,6 @@ convolution's gathered input is at most ``chunk`` values (16 MB), so the copies 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +111,7 @@ class SparseResNet:
         self.fc_weight, self.fc_bias = model.fc.weight.detach(), model.fc.bias.detach()
         self.block_px, self.grid_px, self.chunk = block_px, grid_px, chunk
         self._free: list[torch.Tensor] = []  # buffers of the forward pass in progress, free for reuse
+        self.outside = 0.0  # the input outside the image (zero padding)
 
     # ------------------------------------------------------------------ planning
     def plan(self, outputs: np.ndarray, height: int, width: int) -> dict:
@@ -182,49 +182,92 @@ class SparseResNet:
         return torch.from_numpy(np.argwhere(any_))
 
     # ------------------------------------------------------------------ execution
-    def _buffer(self, n_blocks, stride: int, channels: int, like: torch.Tensor) -> torch.Tensor:
-        """An uncleared (H + 2 MARGIN, W + 2 MARGIN, C) buffer of the stride-``stride`` grid: the smallest
-        free one that fits (:meth:`_release`), else new memory."""
-        b = self.grid_px // stride
-        shape = (n_blocks[0] * b + 2 * MARGIN, n_blocks[1] * b + 2 * MARGIN, channels)
-        n = math.prod(shape)
+    def _stored(self, blocks: torch.Tensor, n_blocks, stride: int, px: int, channels: int,
+                like: torch.Tensor) -> "Stored":
+        """Storage for the ``px``-sided ``blocks`` of a stride-``stride`` layer: their positions' rows in
+        block order (uncleared, :meth:`_buffer`) and the table from grid positions to rows."""
+        b = px // stride
+        g = self.grid_px // px
+        n = len(blocks) * b * b
+        table = np.full((n_blocks[0] * g, n_blocks[1] * g, b, b), n, dtype=np.int64)  # n: the spare row
+        table[blocks[:, 0].numpy(), blocks[:, 1].numpy()] = np.arange(n).reshape(-1, b, b)
+        table = table.transpose(0, 2, 1, 3).reshape(n_blocks[0] * g * b, n_blocks[1] * g * b)
+        table = np.pad(table, MARGIN, constant_values=n)
+        return Stored(self._buffer(n + 1, channels, like), torch.from_numpy(table).to(like.device))
+
+    def _buffer(self, n_rows: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+        """An uncleared (n_rows, channels) buffer: the smallest free one that fits (:meth:`_release`),
+        else new memory."""
+        n = n_rows * channels
         fits = [i for i, f in enumerate(self._free) if f.numel() >= n and f.dtype == like.dtype and f.device == like.device]
         if not fits:
-            return like.new_empty(shape)
+            return like.new_empty((n_rows, channels))
         flat = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        return flat[:n].view(shape)
+        return flat[:n].view(n_rows, channels)
 
     def _release(self, buf: torch.Tensor) -> None:
         """Hand a buffer's memory back for the next :meth:`_buffer` of this forward pass: reused, a
         forward pass touches a few buffers' worth of fresh pages instead of one per layer."""
         self._free.append(buf.new_empty(0).set_(buf.untyped_storage()))
 
-    def _gather(self, src: torch.Tensor, blocks: torch.Tensor, b_out: int, kernel: int, stride: int,
-                padding: int) -> torch.Tensor:
-        """The input windows of output blocks of b_out x b_out positions: (N, C, win, win), channels-last."""
+    @staticmethod
+    def _windows(table: torch.Tensor, blocks: torch.Tensor, b_out: int, kernel: int, stride: int,
+                 padding: int) -> torch.Tensor:
+        """The input windows of output blocks of b_out x b_out positions in a (H + 2 MARGIN, W + 2
+        MARGIN, ...) grid: (N, win, win, ...)."""
         win = stride * (b_out - 1) + kernel
         start = MARGIN - padding
-        view = src[start:, start:].unfold(0, win, stride * b_out).unfold(1, win, stride * b_out)  # (qh, qw, C, win, win)
-        rows = view.permute(0, 1, 3, 4, 2)[blocks[:, 0], blocks[:, 1]]  # (N, win, win, C): copies runs of C floats
-        return rows.permute(0, 3, 1, 2)  # (N, C, win, win), channels-last
+        view = table[start:, start:].unfold(0, win, stride * b_out).unfold(1, win, stride * b_out)  # (qh, qw, ..., win, win)
+        view = view.permute(0, 1, view.dim() - 2, view.dim() - 1, *range(2, view.dim() - 2))  # (qh, qw, win, win, ...)
+        return view[blocks[:, 0], blocks[:, 1]]
 
-    @staticmethod
-    def _scatter(dst: torch.Tensor, blocks: torch.Tensor, b: int, y: torch.Tensor) -> None:
-        """Write y (N, C, b, b) into the blocks of dst (H + 2 MARGIN, W + 2 MARGIN, C)."""
-        inner = dst[MARGIN:dst.shape[0] - MARGIN, MARGIN:dst.shape[1] - MARGIN]
-        qh, qw = inner.shape[0] // b, inner.shape[1] // b
-        view = inner.view(qh, b, qw, b, inner.shape[2]).permute(0, 2, 1, 3, 4)  # (qh, qw, b, b, C)
-        view[blocks[:, 0], blocks[:, 1]] = y.permute(0, 2, 3, 1).to(dst.dtype)
+    def _gather(self, src: "Stored", blocks: torch.Tensor, b_out: int, kernel: int, stride: int,
+                padding: int) -> torch.Tensor:
+        """The input windows of output blocks, (N, C, win, win) channels-last, from ``src``'s rows."""
+        rows = self._windows(src.table, blocks, b_out, kernel, stride, padding)  # (N, win, win) row numbers
+        x = src.rows.index_select(0, rows.reshape(-1)).view(*rows.shape, src.rows.shape[1])
+        return x.permute(0, 3, 1, 2)
+
+    def _image_windows(self, image: torch.Tensor, blocks: torch.Tensor, b: int) -> torch.Tensor:
+        """The stem's input windows of output blocks of b x b positions: (N, 3, 4b + 7, 4b + 7), block
+        (i, j) reading image rows and columns from 4b i - 5 and 4b j - 5 (conv1 [2i-3, 2i+3] of
+        max-pool [2j-1, 2j+1]). Read in place, no padded copy of the image: pixels outside it hold
+        ``outside`` (the network's zero padding; no needed output reads them)."""
+        _, height, width = image.shape
+        span = torch.arange(4 * b + 7, device=image.device)
+        ys = (4 * b * blocks[:, 0] - 5)[:, None] + span  # (N, win)
+        xs = (4 * b * blocks[:, 1] - 5)[:, None] + span
+        win = image[:, ys.clamp(0, height - 1)[:, :, None], xs.clamp(0, width - 1)[:, None, :]]  # (3, N, win, win)
+        inside = ((ys >= 0) & (ys < height))[:, :, None] & ((xs >= 0) & (xs < width))[:, None, :]  # (N, win, win)
+        win = torch.where(inside[None], win, self.outside)
+        return win.permute(1, 0, 2, 3).contiguous(memory_format=torch.channels_last)
 
     def _chunks(self, blocks: torch.Tensor, elements: int):
-        """``blocks`` in groups whose gathered inputs (``elements`` values per block) hold at most ``chunk``."""
+        """(first block, blocks) in groups whose gathered inputs (``elements`` values per block) hold at
+        most ``chunk``."""
         per = max(1, self.chunk // elements)
         for i in range(0, len(blocks), per):
-            yield blocks[i:i + per]
+            yield i, blocks[i:i + per]
 
-    def _conv(self, src: torch.Tensor, conv: Conv, blocks: torch.Tensor, b_out: int) -> torch.Tensor:
+    def _conv(self, src: "Stored", conv: Conv, blocks: torch.Tensor, b_out: int) -> torch.Tensor:
         x = self._gather(src, blocks, b_out, conv.kernel, conv.stride, conv.padding)
         return F.conv2d(x, conv.weight, conv.bias, stride=conv.stride)  # (N, C_out, b_out, b_out)
+
+    @staticmethod
+    def _store(dst: "Stored", first: int, y: torch.Tensor) -> None:
+        """Rows of blocks first, first + 1, ... <- y (N, C, b, b)."""
+        n, c, b, _ = y.shape
+        dst.rows[first * b * b:(first + n) * b * b].view(n, b, b, c).copy_(y.permute(0, 2, 3, 1))
+
+    @staticmethod
+    def _rows_of(src: "Stored", first: int, n: int, b: int) -> torch.Tensor:
+        """Blocks first .. first + n - 1 of ``src`` (stored by :meth:`_store`): (n, C, b, b), a view."""
+        return src.rows[first * b * b:(first + n) * b * b].view(n, b, b, -1).permute(0, 3, 1, 2)
+
+    def _store_at(self, dst: "Stored", blocks: torch.Tensor, y: torch.Tensor) -> None:
+        """The positions of output blocks (their grid: y's b x b blocks) in ``dst``'s rows <- y (N, C, b, b)."""
+        rows = self._windows(dst.table, blocks, y.shape[-1], 1, 1, 0).reshape(-1)  # (N * b * b,)
+        dst.rows.index_copy_(0, rows, y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).to(dst.rows.dtype))
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, outputs: np.ndarray, plan: dict | None = None) -> torch.Tensor:
@@ -234,19 +277,16 @@ class SparseResNet:
         anything, NaN included)."""
         _, height, width = image.shape
         plan = plan or self.plan(outputs, height, width)
-        on = lambda blocks: blocks.to(image.device)  # noqa: E731  block indices: one copy per convolution
         n_blocks = plan["n_blocks"]
         self._free: list[torch.Tensor] = []
-        src = self._buffer(n_blocks, 1, 3, image)
-        src[MARGIN:MARGIN + height, MARGIN:MARGIN + width] = image.permute(1, 2, 0)
         # stem: conv1 (7x7, stride 2) -> relu -> max-pool (3x3, stride 2): stride 4, from the image directly
-        b = self.block_px[0] // 4
-        x = self._buffer(n_blocks, 4, self.stem.weight.shape[0], image)
-        for blocks in self._chunks(on(plan["stem"]), self.stem.weight.shape[0] * (2 * b + 1) ** 2):  # conv1 outputs
-            win = self._gather(src, blocks, b, 7 + 2 * 2, 4, 3 + 2)  # conv1 [2i-3, 2i+3] of max-pool [2j-1, 2j+1]
-            y = F.relu_(F.conv2d(win, self.stem.weight, self.stem.bias, stride=2))  # (N, 64, 2b + 1, 2b + 1)
-            self._scatter(x, blocks, b, F.max_pool2d(y, 3, stride=2))
-        self._release(src)
+        px = self.block_px[0]
+        b = px // 4
+        x = self._stored(plan["stem"], n_blocks, 4, px, self.stem.weight.shape[0], image)
+        for first, blocks in self._chunks(plan["stem"].to(image.device), self.stem.weight.shape[0] * (2 * b + 1) ** 2):
+            win = self._image_windows(image, blocks, b)  # (N, 3, 4b + 7, 4b + 7)
+            y = F.relu_(F.conv2d(win, self.stem.weight, self.stem.bias, stride=2))  # conv1 [2i-3, 2i+3] of max-pool [2j-1, 2j+1]
+            self._store(x, first, F.max_pool2d(y, 3, stride=2))  # (N, 64, b, b)
         stride = 4
         for px, layer, layer_plan in zip(self.block_px[1:], self.layers, plan["layers"]):
             for block, (mid_blocks, out_blocks) in zip(layer, layer_plan):
@@ -254,21 +294,42 @@ class SparseResNet:
                 b = px // stride_out
                 c_out = block.conv2.weight.shape[0]
                 c_in = block.conv1.weight.shape[1]
-                mid = self._buffer(n_blocks, stride_out, c_out, x)
-                for blocks in self._chunks(on(mid_blocks), c_in * (block.conv1.stride * (b - 1) + 3) ** 2):
-                    self._scatter(mid, blocks, b, F.relu_(self._conv(x, block.conv1, blocks, b)))
-                out = self._buffer(n_blocks, stride_out, c_out, x)
-                for blocks in self._chunks(on(out_blocks), (c_out + c_in) * (b + 2) ** 2):
+                mid = self._stored(mid_blocks, n_blocks, stride_out, px, c_out, image)
+                for first, blocks in self._chunks(mid_blocks.to(image.device), c_in * (block.conv1.stride * (b - 1) + 3) ** 2):
+                    self._store(mid, first, F.relu_(self._conv(x, block.conv1, blocks, b)))
+                # at most two layer buffers the size of x alive: an identity shortcut reads x at each
+                # output position only, so the outputs overwrite x in place; a projection shortcut is
+                # computed into the output buffer first, and x released before conv2
+                blocks_here = out_blocks.to(image.device)
+                if block.shortcut is None:
+                    out = x
+                else:
+                    out = self._stored(out_blocks, n_blocks, stride_out, px, c_out, image)
+                    for first, blocks in self._chunks(blocks_here, c_in * (2 * b) ** 2):
+                        self._store(out, first, self._conv(x, block.shortcut, blocks, b))
+                    self._release(x.rows)
+                for first, blocks in self._chunks(blocks_here, 2 * c_out * (b + 2) ** 2):
                     y = self._conv(mid, block.conv2, blocks, b)
-                    if block.shortcut is not None:
-                        y += self._conv(x, block.shortcut, blocks, b)
-                    else:
+                    if block.shortcut is None:
                         y += self._gather(x, blocks, b, 1, 1, 0)
-                    self._scatter(out, blocks, b, F.relu_(y))
-                self._release(mid)
-                self._release(x)
+                        self._store_at(x, blocks, F.relu_(y))
+                    else:
+                        y += self._rows_of(out, first, len(blocks), b)
+                        self._store(out, first, F.relu_(y))
+                self._release(mid.rows)
                 x, stride = out, stride_out
-        feat = x[MARGIN:x.shape[0] - MARGIN, MARGIN:x.shape[1] - MARGIN].permute(2, 0, 1)[None]  # (1, 512, h, w)
+        inner = x.table[MARGIN:x.table.shape[0] - MARGIN, MARGIN:x.table.shape[1] - MARGIN]
+        feat = x.rows[inner].permute(2, 0, 1)[None]  # (1, 512, h, w); positions not computed hold anything
         logits = F.conv2d(F.avg_pool2d(feat, self.pool, stride=1), self.fc_weight, self.fc_bias)
         self._free = []
         return logits[0, 0, :outputs.shape[0], :outputs.shape[1]].float()
+
+
+@dataclass
+class Stored:
+    """One layer's computed positions: ``rows`` (P + 1, C), the blocks' positions in block order and a
+    spare row that no needed position reads; ``table`` (H + 2 MARGIN, W + 2 MARGIN) the row of every
+    position of the layer's grid (the spare one where not computed). Memory follows the computed
+    blocks, not the tile's rectangle."""
+    rows: torch.Tensor
+    table: torch.Tensor

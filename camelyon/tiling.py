@@ -140,3 +140,61 @@ def plan_summary(mask: np.ndarray, tiles: list[Tile], step: int = 2) -> dict:
     return {"tiles": len(tiles), "tissue_cells": tissue, "tile_cells": own,
             "tissue_fraction_of_tile_cells": tissue / own if own else 1.0,
             "pixels_per_tissue_pixel": read / (tissue * (STRIDE * step) ** 2) if tissue else 0.0}
+
+
+#: The sparse engine's largest tile side, in cells (a 5,728-px read: 0.4 GB as the float input)
+SPARSE_MAX_SIDE = 80
+#: The sparse engine's cone around a tile's tissue cells, in cells on each side: a cell's output reads
+#: 627 px of input (camelyon.sparse), about 5 cells of 64 px beyond its own on every side
+CONE_CELLS = 5
+
+
+def plan_sparse_tiles(mask: np.ndarray, max_side: int, max_tissue: int) -> list[Tile]:
+    """Tiles for the sparse engine (:mod:`camelyon.sparse`), which computes the cone of a tile's tissue
+    cells, not its rectangle: background costs nothing, and a cut through tissue costs the cone on
+    both sides of it (each part computes the other's edge as its context). So a box is cut only when
+    over a memory cap, ``max_tissue`` tissue cells (the layer buffers follow the computed positions)
+    or ``max_side`` cells on a side (the tile's image is read whole), across its long side and as few
+    times as the caps allow (:func:`_sparse_cut`), both parts shrunk to their tissue. Every tissue
+    cell lands in exactly one tile; deterministic."""
+    if max_side < 1 or max_tissue < 1:
+        raise ValueError(f"sparse tile caps must be positive (max_side {max_side}, max_tissue {max_tissue})")
+    tiles: list[Tile] = []
+    todo = [_shrink(mask, 0, mask.shape[0], 0, mask.shape[1])]
+    while todo:
+        box = todo.pop()
+        if box is None:
+            continue
+        r0, r1, c0, c1 = box
+        block = mask[r0:r1, c0:c1]
+        if max(block.shape) <= max_side and block.sum() <= max_tissue or block.shape == (1, 1):
+            tiles.append(Tile(r0, c0, r1 - r0, c1 - c0))
+            continue
+        along_rows = block.shape[0] >= block.shape[1]
+        k = _sparse_cut((block if along_rows else block.T).sum(1), max_side, max_tissue)
+        halves = ((r0, r0 + k, c0, c1), (r0 + k, r1, c0, c1)) if along_rows else \
+                 ((r0, r1, c0, c0 + k), (r0, r1, c0 + k, c1))
+        todo += [_shrink(mask, *h) for h in reversed(halves)]
+    return tiles
+
+
+def _sparse_cut(line: np.ndarray, max_side: int, max_tissue: int) -> int:
+    """Where to cut a box with ``line[i]`` tissue cells in row i: above a row k that leaves a first
+    part within both caps and a rest that fits in one part fewer than the whole needs, with the
+    fewest tissue cells within CONE_CELLS rows of the cut (the cone computed twice); the middle one of
+    ties. When no k qualifies (the other side is too long as well), the middle half."""
+    n = len(line)
+    cum = np.cumsum(line)
+    total = int(cum[-1])
+    parts = max(-(-total // max_tissue), -(-n // max_side))
+    k = np.arange(1, n)
+    before = cum[k - 1]
+    fits = (k <= max_side) & (before <= max_tissue) & (n - k <= (parts - 1) * max_side) \
+        & (total - before <= (parts - 1) * max_tissue)
+    if not fits.any():
+        fits = (k >= n // 4) & (k <= n - n // 4) if n >= 4 else np.ones(n - 1, bool)
+    padded = np.concatenate([np.zeros(CONE_CELLS), cum, np.full(CONE_CELLS, total)])
+    band = padded[k + 2 * CONE_CELLS - 1] - padded[k - 1]  # tissue in rows [k - CONE_CELLS, k + CONE_CELLS)
+    band = np.where(fits, band, np.inf)
+    best = np.flatnonzero(band == band.min())
+    return int(k[best[len(best) // 2]])

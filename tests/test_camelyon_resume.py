@@ -85,9 +85,11 @@ def slide_dir(tmp_path_factory) -> Path:
     return root
 
 
-def infer_cmd(slides: Path, checkpoint: Path, out: Path, mode: str) -> list[str]:
+def infer_cmd(slides: Path, checkpoint: Path, out: Path, mode: str, engine: str = "tile") -> list[str]:
+    """Small units of work: whole tiles of at most 2 x 2 cells, sparse tiles of at most 3 tissue cells."""
     return ["--slides", slides, "--checkpoint", checkpoint, "--output-dir", out, "--mode", mode, "--device", "cpu",
-            "--num-workers", "0", "--tile-cells", "2", "--batch-size", "4", "--flush-every", "3"]
+            "--num-workers", "0", "--dense-engine", engine, "--sparse-tile-tissue", "3",
+            "--tile-cells", "2", "--batch-size", "4", "--flush-every", "3"]
 
 
 def run_child(args: list, code: str | None = None) -> object:
@@ -109,17 +111,18 @@ def by_slide(lines: list[dict]) -> dict[str, dict]:
 
 
 # ============================================================================= kill and resume
-def test_killed_run_resumes_mid_slide_with_identical_outputs(slide_dir, tmp_path):
-    """14 dense tiles of at most a 2x2-cell tile's pixels over the 6x7 tissue cells (the plan of
-    camelyon/tiling.py: 2x2, 2x1 and 1x2 tiles), saved every 3 tiles. The run is
-    SIGKILLed right after b.tif's 2nd save (6 tiles done); the restart skips a.tif, takes b.tif's
-    6 tiles from the partial file and computes the other 6 only."""
-    mode, units = "dense", 14
+@pytest.mark.parametrize("engine", ["tile", "sparse"])
+def test_killed_run_resumes_mid_slide_with_identical_outputs(slide_dir, tmp_path, engine):
+    """Whole tiles: 14 dense tiles of at most a 2x2-cell tile's pixels over the 6x7 tissue cells (the
+    plan of camelyon/tiling.py: 2x2, 2x1 and 1x2 tiles); sparse: 16 tiles of at most 3 tissue cells
+    (plan_sparse_tiles: no single column fits the cap, so boxes are halved), saved every 3 tiles. The run is SIGKILLed right after b.tif's 2nd save (6 tiles done);
+    the restart skips a.tif, takes b.tif's 6 tiles from the partial file and computes the other 6 only."""
+    mode, units = "dense", {"tile": 14, "sparse": 16}[engine]
     ckpt = save_random_weights(tmp_path / "model.pt", 0)
     reference, out = tmp_path / "reference", tmp_path / "out"
-    assert run_child(infer_cmd(slide_dir, ckpt, reference, mode)).returncode == 0
+    assert run_child(infer_cmd(slide_dir, ckpt, reference, mode, engine)).returncode == 0
 
-    killed = run_child(["b", "2", *infer_cmd(slide_dir, ckpt, out, mode)], code=KILLED_CHILD)
+    killed = run_child(["b", "2", *infer_cmd(slide_dir, ckpt, out, mode, engine)], code=KILLED_CHILD)
     assert killed.returncode == -9, killed.stderr[-2000:]
     partial = out / infer.PARTIAL / "b.npz"
     with np.load(partial) as saved:
@@ -127,7 +130,7 @@ def test_killed_run_resumes_mid_slide_with_identical_outputs(slide_dir, tmp_path
     assert not (out / "b.npy").exists()
     a_written = mtimes(out, "a")
 
-    restarted = run_child(infer_cmd(slide_dir, ckpt, out, mode))
+    restarted = run_child(infer_cmd(slide_dir, ckpt, out, mode, engine))
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     lines = read_jsonl(out / infer.SUMMARY)
     assert (lines[0]["slide"], lines[0]["status"], lines[0]["resumed_units"]) == ("a.tif", "ok", 0)  # before the kill

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from camelyon.infer import HALO, TileProbability, dense_mode_map, tile_outputs
+from camelyon.infer import HALO, SlideProgress, TileProbability, dense_engine_for, dense_mode_map, tile_outputs
 from camelyon.model import build_model
 from camelyon.prepare import compute_tissue_mask
-from camelyon.sparse import WORTH_IT, SparseResNet
-from camelyon.tiling import Tile, tile_side
+from camelyon.sparse import SparseResNet
+from camelyon.tiling import Tile, plan_sparse_tiles, tile_side
 from common.amp import MixedPrecision
 from common.pyramidal_tiff import write_pyramidal_tiff
 from common.tta import parse_tta
@@ -35,10 +35,33 @@ def model():
 
 
 class PoisonedSparse(SparseResNet):
-    """Buffers filled with NaN: a needed output that read anything not computed would be NaN."""
+    """Buffers and the input outside the image NaN: a needed output that read anything not computed,
+    or the tile's zero padding, would be NaN."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outside = float("nan")
 
     def _buffer(self, *args):
         return super()._buffer(*args).fill_(float("nan"))
+
+
+class Metered(SparseResNet):
+    """Records the most layer-buffer values alive at once during a forward pass."""
+
+    def __call__(self, *args):
+        self.alive = self.most_alive = 0
+        return super().__call__(*args)
+
+    def _buffer(self, n_rows, channels, like):
+        buf = super()._buffer(n_rows, channels, like)
+        self.alive += buf.numel()
+        self.most_alive = max(self.most_alive, self.alive)
+        return buf
+
+    def _release(self, buf):
+        self.alive -= buf.numel()
+        super()._release(buf)
 
 
 def cells_of(kind: str, rows: int, cols: int) -> np.ndarray:
@@ -97,24 +120,19 @@ def test_one_output_costs_its_receptive_field_not_the_tile(model):
     assert 1.8 < sparse.multiply_adds(plan2) / sparse.multiply_adds(plan) < 2.2
 
 
-def test_auto_runs_thin_tissue_sparsely_and_compact_tissue_whole(model):
-    strip = cells_of("strip", 24, 24)
-    full = cells_of("full", 24, 24)
-    sparse = SparseResNet(model)
-    side = int(tile_side(24, 2))
-    plans = {k: sparse.plan(tile_outputs(Tile(0, 0, 24, 24), c, 2, HALO), side, side)
-             for k, c in (("strip", strip), ("full", full))}
-    assert sparse.saving(plans["strip"], side, side) > 1.5 * WORTH_IT
-    assert sparse.saving(plans["full"], side, side) < WORTH_IT
-    auto = TileProbability(model, FP32, ["id"], "auto")
-    x = tile_input(24, 24)
-    for cells in (strip, full):
-        need = tile_outputs(Tile(0, 0, 24, 24), cells, 2, HALO)
-        with torch.no_grad():
-            whole = torch.sigmoid(model(x))[0, 0]
-        torch.testing.assert_close(auto(x, need)[torch.from_numpy(need)], whole[torch.from_numpy(need)],
-                                   rtol=0, atol=1e-5)
-    assert auto.sparse_tiles == 1  # the strip
+def test_memory_follows_the_computed_positions_not_the_tile(model):
+    """Layer buffers hold the computed blocks only: one needed output of a 90 x 90-cell tile (6,432 px
+    a side) keeps at most ~3 layer-1 buffers of its cone alive (64 channels at stride 4 over the
+    627-px receptive field rounded out to 64-px blocks: 3 x 64 x (768 / 4)^2 = 7.1 M values), not
+    a layer-1 buffer of the tile (64 x 1608^2 = 165 M values)."""
+    side = int(tile_side(90, 2))
+    one = np.zeros((90, 90), bool)
+    one[45, 45] = True
+    need = tile_outputs(Tile(0, 0, 90, 90), one, 2, HALO)
+    metered = Metered(model)
+    x = torch.zeros(3, side, side)
+    assert torch.isfinite(metered(x, need)[torch.from_numpy(need)]).all()
+    assert metered.most_alive <= 3 * 64 * (768 // 4) ** 2 + 8 * 512
 
 
 def test_sparse_under_bfloat16_autocast_stays_close(model):
@@ -157,6 +175,9 @@ def test_dense_map_is_the_same_with_either_engine(ragged_slide, model):
     assert maps["tile"][tm.mask].std() > 1e-3
     np.testing.assert_allclose(maps["sparse"], maps["tile"], rtol=0, atol=2e-5)
     np.testing.assert_allclose(maps["auto"], maps["tile"], rtol=0, atol=2e-5)
+    assert len(plan_sparse_tiles(tm.mask, 96, 40)) >= 3  # a tighter memory cap: more tiles, same map
+    cut = dense_mode_map(model, str(ragged_slide), tm, CPU, FP32, workers=0, engine="sparse", sparse_tile_tissue=40)
+    np.testing.assert_allclose(cut, maps["tile"], rtol=0, atol=2e-5)
     flips = parse_tta("flips4")
     tta = {engine: dense_mode_map(model, str(ragged_slide), tm, CPU, FP32, tile_cells=12, workers=0, engine=engine,
                                   tta=flips) for engine in ("tile", "sparse")}
@@ -164,10 +185,20 @@ def test_dense_map_is_the_same_with_either_engine(ragged_slide, model):
     np.testing.assert_allclose(tta["sparse"], tta["tile"], rtol=0, atol=2e-5)
 
 
-def test_auto_means_whole_tiles_off_the_cpu():
-    from camelyon.infer import dense_engine_for
+def test_auto_is_sparse_on_the_cpu_and_whole_tiles_elsewhere(model):
+    assert dense_engine_for("auto", torch.device("cpu"), model) == "sparse"
+    assert dense_engine_for("auto", torch.device("cuda", 0), model) == "tile"
+    assert dense_engine_for("sparse", torch.device("cuda", 0), model) == "sparse"
+    assert dense_engine_for("tile", torch.device("cpu"), model) == "tile"
+    stand_in = torch.nn.Conv2d(3, 1, 1)  # not the detector: whole tiles whatever is asked
+    assert dense_engine_for("sparse", torch.device("cpu"), stand_in) == "tile"
 
-    assert dense_engine_for("auto", torch.device("cpu")) == "auto"
-    assert dense_engine_for("auto", torch.device("cuda", 0)) == "tile"
-    assert dense_engine_for("sparse", torch.device("cuda", 0)) == "sparse"
-    assert dense_engine_for("tile", torch.device("cpu")) == "tile"
+
+def test_a_partial_map_of_another_tile_plan_is_not_resumed(tmp_path):
+    mask = np.ones((4, 4), bool)
+    first = SlideProgress(tmp_path / "p.npz", key="k", every=1)
+    prob, _ = first.start(mask, 3, plan="plan A")
+    prob[mask] = 0.5
+    first.unit_done(0)
+    assert SlideProgress(tmp_path / "p.npz", key="k").start(mask, 3, plan="plan A")[1].tolist() == [True, False, False]
+    assert not SlideProgress(tmp_path / "p.npz", key="k").start(mask, 3, plan="plan B")[1].any()

@@ -9,7 +9,7 @@ import torch
 
 from camelyon.infer import cell_top_left, dense_mode_map, patch_mode_map
 from camelyon.model import build_model, lean_dense_model
-from camelyon.tiling import plan_tiles, tile_side
+from camelyon.tiling import plan_sparse_tiles, plan_tiles, tile_side
 from camelyon.prepare import compute_tissue_mask
 from common.amp import MixedPrecision
 from common.augment import scale_intensity
@@ -109,6 +109,39 @@ def test_plan_cuts_an_l_shape_into_its_two_bars():
     full = np.zeros((10, 12), bool)
     full[2:8, 1:11] = True  # a solid block is one tile
     assert [(t.r0, t.c0, t.rows, t.cols) for t in plan_tiles(full, 32)] == [(2, 1, 6, 10)]
+
+
+def test_sparse_plan_cuts_only_at_its_caps_where_the_tissue_is_thinnest():
+    """The sparse engine computes cones, not rectangles: far-apart islands under the caps stay one
+    tile; over the tissue cap, a dumbbell (two 10 x 10 blobs, 100 cells each, joined by a 20-cell
+    bridge on row 5) is cut once, across the bridge: cuts above columns 15..25 have only bridge
+    cells within 5 columns (10 each), the middle one is 20."""
+    islands = np.zeros((60, 60), bool)
+    islands[2:6, 2:6] = islands[50:58, 40:47] = True
+    assert [(t.r0, t.c0, t.rows, t.cols) for t in plan_sparse_tiles(islands, 96, 4096)] == [(2, 2, 56, 45)]
+    bell = np.zeros((10, 40), bool)
+    bell[:, :10] = bell[:, 30:] = True
+    bell[5, 10:30] = True
+    tiles = plan_sparse_tiles(bell, 96, 150)
+    assert sorted((t.r0, t.c0, t.rows, t.cols) for t in tiles) == [(0, 0, 10, 20), (0, 20, 10, 20)]
+
+
+def test_sparse_plan_covers_every_tissue_cell_once_within_both_caps():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:150, :170]
+    mask = ((yy - 70) ** 2 / 60 ** 2 + (xx - 85) ** 2 / 75 ** 2 < 1) & (rng.random((150, 170)) > 0.05)
+    mask[140:145, 5:165] = True  # a long strip: over the side cap on its own
+    for max_side, max_tissue in [(96, 4096), (64, 1500), (40, 700)]:
+        tiles = plan_sparse_tiles(mask, max_side, max_tissue)
+        hits = np.zeros(mask.shape, int)
+        for t in tiles:
+            hits[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols] += 1
+            assert max(t.rows, t.cols) <= max_side and mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols].sum() <= max_tissue
+        assert (hits[mask] == 1).all()
+        assert len(tiles) <= 2 * -(-int(mask.sum()) // max_tissue) + 2  # not cut into crumbs
+        assert plan_sparse_tiles(mask, max_side, max_tissue) == tiles  # deterministic
+    with pytest.raises(ValueError, match="positive"):
+        plan_sparse_tiles(mask, 96, 0)
 
 
 def test_stem_in_row_strips_equals_the_whole_forward(random_model):

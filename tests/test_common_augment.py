@@ -9,7 +9,7 @@ import torchvision.transforms.functional as TF
 
 from common.augment import (ColorJitterParams, apply_color_jitter, apply_crop, apply_flip, apply_rot90,
                             apply_zoom, make_generator, sample_color_jitter, sample_crop, sample_flags,
-                            sample_rot90, sample_zoom, scale_intensity)
+                            sample_rot90, sample_zoom, scale_intensity, scale_intensity_)
 
 
 def positions(b: int, h: int, w: int) -> torch.Tensor:
@@ -259,3 +259,12 @@ def test_scale_intensity():
     x = torch.tensor([0.0, 127.5, 255.0, 510.0])
     assert scale_intensity(x).tolist() == [-1.0, 0.0, 1.0, 3.0]  # no clipping
     assert scale_intensity(x, 0, 255, 0, 1).tolist() == [0.0, 0.5, 1.0, 2.0]
+
+
+def test_scale_intensity_in_place_is_bit_identical():
+    x = torch.arange(256, dtype=torch.float32).repeat(3, 1)
+    ref = scale_intensity(x.clone())
+    out = scale_intensity_(x)
+    assert out.data_ptr() == x.data_ptr()  # no copy of the tile
+    assert torch.equal(out, ref)
+    assert not torch.equal(ref, torch.arange(256, dtype=torch.float32) * (2 / 255) - 1)  # the order matters
