@@ -84,8 +84,8 @@ from common.metrics.froc import map_to_level0, nms
 from common.stain import StainNormalizer, inference_stain, target_from_files
 from common.tta import dihedral, parse_tta, undo_dihedral
 from common.work_queue import WorkQueue
-from common.wsi import (SlideHandles, best_level, list_slides, open_slide, read_rgb_scaled, recorded_mpp,
-                        resolve_scale, slide_mpp)
+from common.wsi import (SlideHandles, best_level, list_slides, open_slide, read_rgb_regions, read_rgb_scaled,
+                        recorded_mpp, resolve_scale, slide_mpp)
 
 HALF = PATCH // 2
 #: InferConfig fields that shape the written outputs (with the mode's own: tile_cells or batch_size):
@@ -264,12 +264,18 @@ class DenseTiles(Dataset):
     top-left of cell (r0, c0) and side 224 + 32 * step * (n - 1), so own output (i * step, j * step)
     is the 224 window centred on cell (r0 + i, c0 + j). With ``halo`` the read adds HALO strides of
     slide on every side, and own output (0, 0) is output (HALO, HALO).
-    All in network pixels (``ratio`` too), each ``scale`` level-0 pixels."""
+    All in network pixels (``ratio`` too), each ``scale`` level-0 pixels.
+
+    With ``plans`` (the sparse engine) an item also carries its tile's plan, made here, in the
+    reader worker, and with ``partial_reads`` only the input regions the plan reads come from the
+    slide (the rest of the tile is zero: background inside a large sparse tile is never decoded).
+    Items are (uint8 tile (3, H, W), index, plan or {})."""
 
     def __init__(self, slide: str, tiles: list[Tile], ratio: float, step: int, scale: float = 1.0,
-                 halo: bool = True):
+                 halo: bool = True, plans: "SparsePlans | None" = None, partial_reads: bool = False):
         self.slide, self.tiles, self.ratio, self.step, self.scale = slide, tiles, ratio, step, scale
         self.margin = HALO * STRIDE if halo else 0
+        self.plans, self.partial_reads = plans, partial_reads and plans is not None and scale == 1.0
         self.handles = SlideHandles()
 
     def __len__(self) -> int:
@@ -280,9 +286,26 @@ class DenseTiles(Dataset):
         top, left = cell_top_left(np.array([t.r0]), np.array([t.c0]), self.ratio)
         h = PATCH + STRIDE * self.step * (t.rows - 1) + 2 * self.margin
         w = PATCH + STRIDE * self.step * (t.cols - 1) + 2 * self.margin
-        rgb = read_rgb_scaled(self.handles(self.slide), int(left[0]) - self.margin, int(top[0]) - self.margin,
-                              w, h, self.scale)
-        return torch.from_numpy(rgb).permute(2, 0, 1), i
+        x0, y0 = int(left[0]) - self.margin, int(top[0]) - self.margin
+        plan = self.plans(i, h, w) if self.plans is not None else {}
+        if self.partial_reads:
+            rgb = read_rgb_regions(self.handles(self.slide), x0, y0, w, h, self.plans.sparse.input_regions(plan, h, w))
+        else:
+            rgb = read_rgb_scaled(self.handles(self.slide), x0, y0, w, h, self.scale)
+        return torch.from_numpy(rgb).permute(2, 0, 1), i, plan
+
+
+class SparsePlans:
+    """Tile i's :meth:`camelyon.sparse.SparseResNet.plan` for its tissue cells' outputs (made by
+    :class:`DenseTiles` in the reader workers, beside the read, not between forward passes)."""
+
+    def __init__(self, sparse: SparseResNet, tiles: list[Tile], mask: np.ndarray, step: int):
+        self.sparse, self.tiles, self.mask, self.step = sparse, tiles, mask, step
+
+    def __call__(self, i: int, height: int, width: int) -> dict:
+        t = self.tiles[i]
+        need = tile_outputs(t, self.mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols], self.step, HALO)
+        return self.sparse.plan(need, height, width)
 
 
 def tile_outputs(tile: Tile, block: np.ndarray, step: int, first: int) -> np.ndarray:
@@ -328,14 +351,15 @@ class TileProbability:
         self.sparse = SparseResNet(model) if engine == "sparse" else None
         self.amp, self.tta, self.engine = amp, tta, engine
 
-    def __call__(self, x: torch.Tensor, need: np.ndarray) -> torch.Tensor:  # x (1, 3, H, W) -> (h, w)
+    def __call__(self, x: torch.Tensor, need: np.ndarray, plan: dict | None = None) -> torch.Tensor:
+        """x (1, 3, H, W) -> (h, w); ``plan``: the sparse plan of ``need``, if made already."""
         if self.sparse is None:
             return averaged_probability(self.net, x, self.amp, self.tta)[0, 0]
         total = None
         for name in self.tta:
             need_t = dihedral(torch.from_numpy(need), name).numpy()
             with self.amp.autocast():
-                logits = self.sparse(dihedral(x[0], name), need_t)
+                logits = self.sparse(dihedral(x[0], name), need_t, plan if name == "id" else None)
             p = undo_dihedral(torch.sigmoid(logits.float()), name)
             total = p if total is None else total + p
         return total / len(self.tta) if len(self.tta) > 1 else total
@@ -366,14 +390,18 @@ def dense_mode_map(model, slide: str, tm: TissueMask, device, amp: MixedPrecisio
         return prob
     todo = sorted(np.flatnonzero(~done).tolist(), key=lambda i: -tiles[i].rows * tiles[i].cols)
     # largest first: later, smaller tiles reuse the memory the first ones freed (no heap growth)
-    ds = Subset(DenseTiles(slide, tiles, ratio, step, scale, halo), todo)
     first = HALO if halo else 0  # output of the tile's first cell
     tile_probability = TileProbability(model, amp, tta, engine)
-    for tile_img, i in progress(_loader(ds, workers, device), desc=desc or "tiles", total=len(ds)):
+    plans = SparsePlans(tile_probability.sparse, tiles, tm.mask, step) if tile_probability.sparse else None
+    # sparse tiles read only what their stem reads, unless a per-tile stain fit needs the whole tile
+    # or test-time transforms need their own plans' regions (the receptive field is not symmetric)
+    partial_reads = not (stain.enabled and stain.source is None) and list(tta) == ["id"]
+    ds = Subset(DenseTiles(slide, tiles, ratio, step, scale, halo, plans, partial_reads), todo)
+    for tile_img, i, plan in progress(_loader(ds, workers, device), desc=desc or "tiles", total=len(ds)):
         t = tiles[int(i)]
         block = tm.mask[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         x = _to_device(tile_img[None], device, channels_last, stain)
-        prob_grid = tile_probability(x, tile_outputs(t, block, step, first))  # (h, w) at stride 32
+        prob_grid = tile_probability(x, tile_outputs(t, block, step, first), plan or None)  # (h, w) at stride 32
         p = prob_grid[first::step, first::step].cpu().numpy()  # -> (rows, cols)
         target = prob[t.r0:t.r0 + t.rows, t.c0:t.c0 + t.cols]
         target[block] = p[:t.rows, :t.cols][block]

@@ -4,24 +4,27 @@ A dense tile (``camelyon.infer.DenseTiles``) runs the whole network over its rec
 halo, although a tissue cell's output depends only on a cone of each layer: the layer-4 positions of
 its 7 x 7 pool, the layer-3 positions those read, and so on down to 627 px of input. Over background
 inside the rectangle, and in the halo where the cone has already narrowed, that work is thrown
-away: on the ``bench.py --shapes`` slides the full-tile forward computes 2.1--6.1 input pixels per
-tissue pixel, this engine 1.8--4.2 pixel-equivalents of multiply-adds, the exact cones of the whole
-slides 1.2--3.1 (the bench prints all three).
+away: on the ``bench.py --shapes`` slides the whole-tile engine reads 2.1--6.1 input pixels per
+tissue pixel, this engine computes 1.4--3.6 pixel-equivalents of multiply-adds, the exact cones of
+the whole slides 1.2--3.1 (the bench prints all three).
 
 :class:`SparseResNet` runs the same ResNet layer by layer (stage-synchronous), each convolution on
 the blocks (``block_px``: one 64-px grid cell for the stem and layers 1-2, 128 and 256 px for
-layers 3-4) that hold a position the cells need, as in SBNet (Ren et al., CVPR 2018): the blocks' inputs, with the kernel's
-border, are gathered from the previous layer's buffer in one indexing operation, convolved without
-padding (batch-norm folded into the convolution) and scattered into the next buffer. Nothing is
-computed twice, no output sees padding: a needed position reads only positions that were needed one
-layer down and therefore computed. Positions computed only because their block was (the rounding)
-may read uncleared buffer memory and hold anything, NaN included; no needed position reads them.
-The result equals the full-tile forward at the needed outputs up to float rounding
-(tests/test_camelyon_sparse.py).
+layers 3-4) that hold a position the cells need, as in SBNet (Ren et al., CVPR 2018): the blocks'
+inputs, with the kernel's border, are gathered from the previous layer in one indexing operation,
+convolved without padding (batch-norm folded into the convolution) and stored. Nothing is computed
+twice, no output sees padding: a needed position reads only positions that were needed one layer
+down and therefore computed. Positions computed only because their block was (the rounding) may
+read uncleared memory and hold anything, NaN included; no needed position reads them. The result
+equals the whole-tile forward at the needed outputs up to float rounding (tests/test_camelyon_sparse.py).
 
-The buffers hold a whole tile per layer (the stride-4 ones: 64 channels at a quarter of the tile's
-side, about 120 MB for a 40-cell tile), at most three at a time, reused from layer to layer; each
-convolution's gathered input is at most ``chunk`` values (16 MB), so the copies stay small.
+A layer is stored as the rows of its computed positions, block after block, plus a table from every
+position of the tile's grid to its row (:class:`Stored`), so memory follows the cone, not the tile's
+rectangle: a tile may be large and mostly background (``camelyon.tiling.plan_sparse_tiles`` cuts
+only at a memory cap), at ~0.3 MB per tissue cell. At most two buffers of a layer's size are alive:
+a block with an identity shortcut overwrites its input in place, a projection shortcut is computed
+first and its input released before conv2; buffers are reused from layer to layer, and each
+convolution's gathered input is at most ``chunk`` values (16 MB).
 """
 from __future__ import annotations
 
@@ -36,12 +39,7 @@ from scipy.ndimage import maximum_filter
 #: block sides in input pixels for the stem and layers 1-4: one grid cell where positions are many,
 #: larger where they are few (a convolution on 2 x 2-position blocks runs far below the machine's rate)
 BLOCK_PX = (64, 64, 64, 128, 256)
-#: ``engine="auto"`` runs a tile sparsely when the plain forward pass would compute this many times
-#: its multiply-adds. Measured per tile on the bench.py --shapes slides (2 CPU cores), the sparse
-#: engine's time saving tracks its multiply-add saving (gathers and scatters cost about what the
-#: whole-tile pass loses to page faults); below ~1.1 the two are within noise of each other.
-WORTH_IT = 1.1
-#: positions around every buffer, so that every block's gather window lies inside it
+#: positions around every position table (pointing at the spare row), so that every block's gather window lies inside it
 MARGIN = 8
 
 
@@ -144,6 +142,26 @@ class SparseResNet:
         plan["layers"].reverse()
         plan["stem"] = self._blocks(need, 4, self.block_px[0])  # stem outputs needed at stride 4
         return plan
+
+    def input_regions(self, plan: dict, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """(y0, y1, x0, x1) rectangles of the height x width input that cover every pixel the plan's
+        stem reads (a stem block of p px at (i, j) reads rows p i - 5 .. p i + p + 1, columns alike):
+        per band of grid rows, the runs of needed block columns. The rest of the input may be
+        anything, a reader can skip it."""
+        p = self.block_px[0]
+        band = self.grid_px // p  # block rows per band
+        blocks = plan["stem"].numpy()
+        regions = []
+        for r in np.unique(blocks[:, 0] // band):
+            cols = np.unique(blocks[blocks[:, 0] // band == r, 1])
+            breaks = np.flatnonzero(np.diff(cols) > 1)
+            rows_here = blocks[blocks[:, 0] // band == r, 0]
+            y0, y1 = max(p * int(rows_here.min()) - 5, 0), min(p * (int(rows_here.max()) + 1) + 2, height)
+            for c0, c1 in zip(np.r_[cols[0], cols[breaks + 1]], np.r_[cols[breaks], cols[-1]]):
+                x0, x1 = max(p * int(c0) - 5, 0), min(p * (int(c1) + 1) + 2, width)
+                if y0 < y1 and x0 < x1:
+                    regions.append((y0, y1, x0, x1))
+        return regions
 
     def multiply_adds(self, plan: dict) -> int:
         """Multiply-adds the convolutions of ``plan`` compute (the stem's blocks with their overlap)."""

@@ -69,6 +69,17 @@ def read_rgb(slide: openslide.OpenSlide, x: int, y: int, width: int, height: int
     return rgb.astype(np.uint8)
 
 
+def read_rgb_regions(slide: openslide.OpenSlide, x: int, y: int, width: int, height: int,
+                     regions: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """(height, width, 3) uint8 of the level-0 region at (x, y) where only the ``regions`` (y0, y1,
+    x0, x1 in the region's pixels) are read, each exactly as :func:`read_rgb` reads it; the rest is
+    zero. For a consumer that reads nothing else: the slide's other tiles are never decoded."""
+    out = np.zeros((height, width, 3), np.uint8)
+    for y0, y1, x0, x1 in regions:
+        out[y0:y1, x0:x1] = read_rgb(slide, x + x0, y + y0, x1 - x0, y1 - y0, 0)
+    return out
+
+
 def list_slides(path: str | os.PathLike) -> list[Path]:
     """A slide file, or the slide files of a folder (sorted)."""
     path = Path(path)

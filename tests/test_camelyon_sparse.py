@@ -185,6 +185,35 @@ def test_dense_map_is_the_same_with_either_engine(ragged_slide, model):
     np.testing.assert_allclose(tta["sparse"], tta["tile"], rtol=0, atol=2e-5)
 
 
+def test_sparse_tiles_read_only_what_their_stem_reads(ragged_slide, model, monkeypatch):
+    """One large sparse tile over the band and the blob: the reader decodes well under the tile's
+    pixels, every pixel it reads equals the whole read, and the map equals the whole-tile engine's."""
+    from camelyon import infer
+
+    tm = compute_tissue_mask(ragged_slide)
+    sparse = SparseResNet(model)
+    tiles = plan_sparse_tiles(tm.mask, 80, 4096)
+    assert len(tiles) == 1
+    ratio, step = tm.ratio, infer.cell_step(tm.ratio)
+    plans = infer.SparsePlans(sparse, tiles, tm.mask, step)
+    image, _, plan = infer.DenseTiles(str(ragged_slide), tiles, ratio, step, plans=plans, partial_reads=True)[0]
+    regions = sparse.input_regions(plan, image.shape[1], image.shape[2])
+    read = np.zeros(image.shape[1:], bool)
+    for y0, y1, x0, x1 in regions:
+        read[y0:y1, x0:x1] = True
+    assert read.mean() < 0.8  # the background between band and blob is not decoded
+    whole, _, _ = infer.DenseTiles(str(ragged_slide), tiles, ratio, step)[0]
+    assert torch.equal(image[:, torch.from_numpy(read)], whole[:, torch.from_numpy(read)])
+    assert (image[:, torch.from_numpy(~read)] == 0).all()
+    partial = []
+    real = infer.read_rgb_regions
+    monkeypatch.setattr(infer, "read_rgb_regions", lambda *a: partial.append(a) or real(*a))
+    sparse_map = dense_mode_map(model, str(ragged_slide), tm, CPU, FP32, workers=0, engine="sparse")
+    assert len(partial) == 1  # the map below came from the partial read
+    tile_map = dense_mode_map(model, str(ragged_slide), tm, CPU, FP32, workers=0, engine="tile")
+    np.testing.assert_allclose(sparse_map, tile_map, rtol=0, atol=2e-5)
+
+
 def test_auto_is_sparse_on_the_cpu_and_whole_tiles_elsewhere(model):
     assert dense_engine_for("auto", torch.device("cpu"), model) == "sparse"
     assert dense_engine_for("auto", torch.device("cuda", 0), model) == "tile"
