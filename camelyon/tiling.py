@@ -16,6 +16,10 @@ the summed cost most, while a cut lowers it; a rectangle above the memory cap (t
 ``max_cells`` x ``max_cells`` tile) is cut even when that costs more, near its middle. Every
 tissue cell lands in exactly one tile, and the map does not depend on the plan (the halo), so the
 plan changes speed, never values.
+
+The sparse engine (``camelyon.sparse``) pays for neither background nor the halo beyond the cone of
+the tissue cells, but pays twice for the cone along every cut through tissue: its tiles
+(:func:`plan_sparse_tiles`) are as large as a memory cap allows and cut where the tissue is thinnest.
 """
 from __future__ import annotations
 
