@@ -106,16 +106,10 @@ def plan_tiles(mask: np.ndarray, max_cells: int, step: int = 2) -> list[Tile]:
     docstring); none is larger in pixels than a ``max_cells`` x ``max_cells`` tile. Deterministic:
     the same mask and settings give the same tiles in the same order (restarts rely on it)."""
     cap = tile_side(max_cells, step) ** 2
-    tiles: list[Tile] = []
-    todo = [_shrink(mask, 0, mask.shape[0], 0, mask.shape[1])]
-    while todo:
-        box = todo.pop()
-        if box is None:
-            continue
-        r0, r1, c0, c1 = box
-        here = tile_cost(r1 - r0, c1 - c0, step)
+
+    def cut(block: np.ndarray) -> tuple[int, int] | None:
+        here = tile_cost(*block.shape, step)
         forced = here - TILE_OVERHEAD_PX > cap
-        block = mask[r0:r1, c0:c1]
         axes = (0, 1) if not forced else (0,) if block.shape[0] >= block.shape[1] else (1,)  # cap: the long side
         options = []  # (cost, axis, cut position)
         for axis in axes:
@@ -127,11 +121,32 @@ def plan_tiles(mask: np.ndarray, max_cells: int, step: int = 2) -> list[Tile]:
         if options:
             cost, axis, k = min(options)
             if cost < here or forced:
-                halves = ((r0, r0 + k, c0, c1), (r0 + k, r1, c0, c1)) if axis == 0 else \
-                         ((r0, r1, c0, c0 + k), (r0, r1, c0 + k, c1))
-                todo += [_shrink(mask, *h) for h in reversed(halves)]
-                continue
-        tiles.append(Tile(r0, c0, r1 - r0, c1 - c0))
+                return axis, k
+        return None
+
+    return _guillotine(mask, cut)
+
+
+def _guillotine(mask: np.ndarray, cut) -> list[Tile]:
+    """Tiles from recursive straight cuts through whole boxes, starting from the tissue's bounding box:
+    ``cut(block)`` (the box's part of the mask) gives (axis, k), a cut above row (axis 0) or left of
+    column (axis 1) k, or None to keep the box as a tile; both parts are shrunk to their tissue and
+    cut in turn, the first part first (deterministic: restarts rely on the tile indices)."""
+    tiles: list[Tile] = []
+    todo = [_shrink(mask, 0, mask.shape[0], 0, mask.shape[1])]
+    while todo:
+        box = todo.pop()
+        if box is None:
+            continue
+        r0, r1, c0, c1 = box
+        decision = cut(mask[r0:r1, c0:c1])
+        if decision is None:
+            tiles.append(Tile(r0, c0, r1 - r0, c1 - c0))
+            continue
+        axis, k = decision
+        halves = ((r0, r0 + k, c0, c1), (r0 + k, r1, c0, c1)) if axis == 0 else \
+                 ((r0, r1, c0, c0 + k), (r0, r1, c0 + k, c1))
+        todo += [_shrink(mask, *h) for h in reversed(halves)]
     return tiles
 
 
@@ -158,28 +173,19 @@ def plan_sparse_tiles(mask: np.ndarray, max_side: int, max_tissue: int) -> list[
     cells, not its rectangle: background costs nothing, and a cut through tissue costs the cone on
     both sides of it (each part computes the other's edge as its context). So a box is cut only when
     over a memory cap, ``max_tissue`` tissue cells (the layer buffers follow the computed positions)
-    or ``max_side`` cells on a side (the tile's image is read whole), across its long side and as few
+    or ``max_side`` cells on a side (its input image and position tables span its rectangle), across its long side and as few
     times as the caps allow (:func:`_sparse_cut`), both parts shrunk to their tissue. Every tissue
     cell lands in exactly one tile; deterministic."""
     if max_side < 1 or max_tissue < 1:
         raise ValueError(f"sparse tile caps must be positive (max_side {max_side}, max_tissue {max_tissue})")
-    tiles: list[Tile] = []
-    todo = [_shrink(mask, 0, mask.shape[0], 0, mask.shape[1])]
-    while todo:
-        box = todo.pop()
-        if box is None:
-            continue
-        r0, r1, c0, c1 = box
-        block = mask[r0:r1, c0:c1]
+
+    def cut(block: np.ndarray) -> tuple[int, int] | None:
         if max(block.shape) <= max_side and block.sum() <= max_tissue or block.shape == (1, 1):
-            tiles.append(Tile(r0, c0, r1 - r0, c1 - c0))
-            continue
-        along_rows = block.shape[0] >= block.shape[1]
-        k = _sparse_cut((block if along_rows else block.T).sum(1), max_side, max_tissue)
-        halves = ((r0, r0 + k, c0, c1), (r0 + k, r1, c0, c1)) if along_rows else \
-                 ((r0, r1, c0, c0 + k), (r0, r1, c0 + k, c1))
-        todo += [_shrink(mask, *h) for h in reversed(halves)]
-    return tiles
+            return None
+        axis = 0 if block.shape[0] >= block.shape[1] else 1  # the long side
+        return axis, _sparse_cut((block if axis == 0 else block.T).sum(1), max_side, max_tissue)
+
+    return _guillotine(mask, cut)
 
 
 def _sparse_cut(line: np.ndarray, max_side: int, max_tissue: int) -> int:
