@@ -173,9 +173,9 @@ def plan_sparse_tiles(mask: np.ndarray, max_side: int, max_tissue: int) -> list[
     cells, not its rectangle: background costs nothing, and a cut through tissue costs the cone on
     both sides of it (each part computes the other's edge as its context). So a box is cut only when
     over a memory cap, ``max_tissue`` tissue cells (the layer buffers follow the computed positions)
-    or ``max_side`` cells on a side (its input image and position tables span its rectangle), across its long side and as few
-    times as the caps allow (:func:`_sparse_cut`), both parts shrunk to their tissue. Every tissue
-    cell lands in exactly one tile; deterministic."""
+    or ``max_side`` cells on a side (its input image and position tables span its rectangle),
+    across its long side and as few times as the caps allow (:func:`_sparse_cut`), both parts
+    shrunk to their tissue. Every tissue cell lands in exactly one tile; deterministic."""
     if max_side < 1 or max_tissue < 1:
         raise ValueError(f"sparse tile caps must be positive (max_side {max_side}, max_tissue {max_tissue})")
 
